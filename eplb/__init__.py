@@ -1,0 +1,1 @@
+"""eplb: static expert replication and placement for MoE expert parallelism."""

@@ -1,0 +1,1 @@
+"""lplb: per-batch linear-programming load balancing for MoE expert parallelism."""

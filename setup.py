@@ -1,0 +1,70 @@
+"""Build ``lplb._C`` with CMake.
+
+The CUDA kernels are compiled when ``nvcc`` is found; set ``LPLB_CUDA=0`` to skip them or
+``LPLB_CUDA=1`` to require them. The module never links libtorch, so one build serves any torch.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _find_nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidate = Path(cuda_home) / "bin" / "nvcc"
+    if candidate.is_file():
+        return str(candidate)
+    return shutil.which("nvcc")
+
+
+def _want_cuda() -> str | None:
+    flag = os.environ.get("LPLB_CUDA", "auto").strip().lower()
+    if flag not in ("auto", "0", "1"):
+        raise ValueError(f"LPLB_CUDA must be 0, 1 or auto, got {flag!r}")
+    if flag == "0":
+        return None
+    nvcc = _find_nvcc()
+    if nvcc is None and flag == "1":
+        raise RuntimeError("LPLB_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+    return nvcc
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        nvcc = _want_cuda()
+        cfg = [
+            f"-S{ROOT}",
+            f"-B{build_dir}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DLPLB_WITH_CUDA={'ON' if nvcc else 'OFF'}",
+        ]
+        if nvcc:
+            cfg.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+        if shutil.which("ninja"):
+            cfg.append("-GNinja")
+        subprocess.check_call(["cmake", *cfg])
+        jobs = str(max(1, os.cpu_count() or 1))
+        subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", jobs])
+
+
+setup(ext_modules=[CMakeExtension("lplb._C")], cmdclass={"build_ext": CMakeBuild})
