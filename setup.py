@@ -46,7 +46,8 @@ class CMakeBuild(build_ext):
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / ext.name
+        # LPLB_BUILD_DIR lets parallel builds of one checkout keep separate CMake trees.
+        build_dir = Path(os.environ.get("LPLB_BUILD_DIR") or self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
         nvcc = _want_cuda()
         cfg = [
