@@ -1,0 +1,327 @@
+"""LPLB Planner: per-batch LP balancing of replicated experts (DeepSeek LPLB `Planner` API).
+
+The Planner owns the physical layout (which logical expert sits in which physical slot, and
+which slots are copies of which) and drives the three custom ops of lplb/ops.py:
+count tokens -> (all-reduce over the EP group) -> solve one LP per group -> map tokens.
+Layout maps live on the CPU and are copied to a tensor's device on first use, so that `run`
+has no host synchronisation and no data-dependent Python control flow (CUDA graphs,
+torch.compile(fullgraph=True)).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import eplb
+from lplb import ops  # noqa: F401  (registers torch.ops.lplb.*)
+from lplb.topology import validate_r2o
+
+__all__ = ["Planner"]
+
+# Chunks used to count a CPU idx; the mapping result does not depend on it.
+CPU_N_SMS = 8
+
+
+@dataclass(frozen=True)
+class _DeviceMaps:
+    """Layout maps in the dtypes the ops take, on one device.
+
+    Attributes:
+        phy2log: [R] int32; r2o, o2r: [G, D] int32; log2phy: [E, 2] int32;
+        prob_index: [E] int32.
+    """
+
+    phy2log: torch.Tensor
+    r2o: torch.Tensor
+    o2r: torch.Tensor
+    log2phy: torch.Tensor
+    prob_index: torch.Tensor
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_idx(idx: object) -> torch.Tensor:
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a torch.Tensor, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"idx must be int32 or int64, got {idx.dtype}")
+    return idx
+
+
+class Planner:
+    """Balances each batch's tokens between the originals and copies of replicated experts.
+
+    Args:
+        redundant_to_original: [group_size, D] integer topology (lplb.topology): rank r's d-th
+            redundant slot set holds copies of rank r2o[r, d]'s d-th replicated set.
+        n_routed_experts: physical experts R over all EP ranks (originals + copies).
+        n_logical_routed_experts: logical experts E.
+        ep_size: EP ranks; defaults to group.size() if a group is given, else group_size.
+        group: torch.distributed process group over which workloads are summed before solving.
+    """
+
+    def __init__(
+        self,
+        redundant_to_original: torch.Tensor,
+        n_routed_experts: int,
+        n_logical_routed_experts: int,
+        ep_size: int | None = None,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        validate_r2o(redundant_to_original)
+        group_size, n_sets = redundant_to_original.shape
+        if ep_size is None:
+            ep_size = group.size() if group is not None else group_size
+        validate_r2o(redundant_to_original, ep_size)
+        if group is not None and group.size() != ep_size:
+            raise ValueError(f"ep_size {ep_size} differs from the group's size {group.size()}")
+        n_routed = _positive_int("n_routed_experts", n_routed_experts)
+        n_logical = _positive_int("n_logical_routed_experts", n_logical_routed_experts)
+        if n_routed % ep_size or n_logical % ep_size:
+            raise ValueError(
+                f"n_routed_experts {n_routed} and n_logical_routed_experts {n_logical} must be "
+                f"multiples of ep_size {ep_size}"
+            )
+        n_local_routed = n_routed // ep_size
+        n_local_logical = n_logical // ep_size
+        n_redundant = n_local_routed - n_local_logical
+        if n_redundant <= 0 or n_redundant % n_sets or n_redundant > n_local_logical:
+            raise ValueError(
+                f"each rank needs a positive number of redundant slots, divisible by D = {n_sets} "
+                f"and at most its {n_local_logical} original experts; got {n_redundant} "
+                f"(n_routed_experts {n_routed}, n_logical_routed_experts {n_logical}, "
+                f"ep_size {ep_size})"
+            )
+
+        self.group = group
+        self.ep_size = ep_size
+        self.group_size = group_size
+        self.n_sets = n_sets
+        self.n_routed = n_routed
+        self.n_logical = n_logical
+        self.n_local_routed = n_local_routed
+        self.n_local_logical = n_local_logical
+        self.n_combined = n_redundant // n_sets
+        self.n_group = ep_size // group_size
+        self.r2o = redundant_to_original.detach().to("cpu", torch.int64)
+        self.o2r = torch.empty_like(self.r2o)
+        for d in range(n_sets):
+            self.o2r[self.r2o[:, d], d] = torch.arange(group_size)
+        self._maps: dict[torch.device, _DeviceMaps] = {}
+        self._error_flags: dict[torch.device, torch.Tensor] = {}
+        self._n_sms: dict[torch.device, int] = {}
+        self.update_redundancy_mapping()
+
+    def update_redundancy_mapping(
+        self, workload: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Lay out the physical experts, optionally reordered by a load history.
+
+        With a history, experts are spread over ranks by EPLB (no replication), each rank's
+        experts are sorted by history load (heaviest first, stable) and the first C * D become
+        the replicated ones; without it, rank r holds experts r * n_local_logical onwards.
+        Redundant slot n_local_logical + c * D + d of rank r copies original slot c * D + d of
+        rank r2o[r, d] of the same group.
+
+        Args:
+            workload: optional [E] load history (any int/float dtype, any device).
+
+        Returns:
+            phy2log: [R] int64 logical expert of each physical slot.
+            log2phy: [E, 2] int64 physical slots of each expert, original first, -1 padded.
+            logcnt: [E] int64 number of physical copies (1 or 2).
+        """
+        ep, n_ll, n_lr = self.ep_size, self.n_local_logical, self.n_local_routed
+        n_rep = self.n_combined * self.n_sets
+        if workload is None:
+            experts = torch.arange(self.n_logical).view(ep, n_ll)
+        else:
+            if not isinstance(workload, torch.Tensor) or workload.shape != (self.n_logical,):
+                shape = tuple(workload.shape) if isinstance(workload, torch.Tensor) else workload
+                raise ValueError(
+                    f"workload must be a tensor of shape [{self.n_logical}], got {shape}"
+                )
+            history = workload.detach().to("cpu", torch.float64)
+            placed, _, _ = eplb.rebalance_experts(history[None], self.n_logical, 1, 1, ep)
+            experts = placed[0].view(ep, n_ll)
+            order = torch.sort(history[experts], dim=1, descending=True, stable=True).indices
+            experts = experts.gather(1, order)
+
+        ranks = torch.arange(ep)
+        # Global rank holding the original of rank r's d-th redundant set: [ep, D].
+        source = (ranks // self.group_size * self.group_size)[:, None] + self.r2o[
+            ranks % self.group_size
+        ]
+        rep_slot = torch.arange(n_rep).view(self.n_combined, self.n_sets)
+        copies = experts[source[:, None, :], rep_slot].reshape(ep, n_rep)
+        phy2log = torch.cat([experts, copies], dim=1).reshape(-1)
+
+        slot_ids = torch.arange(ep * n_lr).view(ep, n_lr)
+        log2phy = torch.full((self.n_logical, 2), -1, dtype=torch.int64)
+        log2phy[experts.reshape(-1), 0] = slot_ids[:, :n_ll].reshape(-1)
+        log2phy[copies.reshape(-1), 1] = slot_ids[:, n_ll:].reshape(-1)
+        logcnt = 1 + (log2phy[:, 1] >= 0).to(torch.int64)
+
+        # Flat index g*G*D + r*D + d into probs equals global_rank*D + d.
+        prob_index = torch.full((self.n_logical,), -1, dtype=torch.int64)
+        prob_index[experts[:, :n_rep].reshape(-1)] = (
+            ranks[:, None] * self.n_sets + torch.arange(n_rep) % self.n_sets
+        ).reshape(-1)
+
+        self.phy2log, self.log2phy, self.logcnt = phy2log, log2phy, logcnt
+        self.prob_index = prob_index
+        self._maps = {}
+        return phy2log, log2phy, logcnt
+
+    def _device_maps(self, device: torch.device) -> _DeviceMaps:
+        maps = self._maps.get(device)
+        if maps is None:
+            maps = _DeviceMaps(
+                *(
+                    t.to(device=device, dtype=torch.int32)
+                    for t in (self.phy2log, self.r2o, self.o2r, self.log2phy, self.prob_index)
+                )
+            )
+            self._maps[device] = maps
+        return maps
+
+    def _error_flag(self, device: torch.device) -> torch.Tensor:
+        flag = self._error_flags.get(device)
+        if flag is None:
+            flag = torch.zeros(1, dtype=torch.int32, device=device)
+            self._error_flags[device] = flag
+        return flag
+
+    def _default_n_sms(self, device: torch.device) -> int:
+        if device.type != "cuda":
+            return CPU_N_SMS
+        if device not in self._n_sms:
+            self._n_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        return self._n_sms[device]
+
+    def check_errors(self) -> None:
+        """Raise ValueError if a device kernel saw an index outside [-1, E) (synchronises)."""
+        for device, flag in self._error_flags.items():
+            if int(flag.item()) != 0:
+                flag.zero_()
+                raise ValueError(
+                    f"an expert index outside [-1, {self.n_logical}) was passed to count_idx "
+                    f"on {device}"
+                )
+
+    def count_workload(self, idx: torch.Tensor, n_sms: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count this call's tokens per logical expert.
+
+        Args:
+            idx: any shape, int32/int64 logical expert indices in [-1, E) (-1 = no expert).
+            n_sms: chunks the flattened idx is cut into (>= 1).
+
+        Returns:
+            workload: [E] int32; workload_by_sm: [n_sms, E] int32, exclusive prefix of the
+            per-chunk counts.
+        """
+        idx = _check_idx(idx)
+        n_sms = _positive_int("n_sms", n_sms)
+        return torch.ops.lplb.count_idx(idx, self._error_flag(idx.device), self.n_logical, n_sms)
+
+    def solve_probs(
+        self, workload: torch.Tensor, avail_counter: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Solve the LP of every EP group for this batch's workload.
+
+        Args:
+            workload: [E] tokens per logical expert of this rank (int/float dtype); summed over
+                `group` (on a copy) before solving when the Planner has one.
+            avail_counter: one-element int32/int64 tensor, incremented in place by the number
+                of groups whose LP converged.
+
+        Returns:
+            probs: [n_group, group_size, D] float32, share of each replicated set kept on its
+                original rank.
+            global_workload: [E] the (summed) workload that was solved for.
+        """
+        if not isinstance(workload, torch.Tensor) or workload.shape != (self.n_logical,):
+            shape = tuple(workload.shape) if isinstance(workload, torch.Tensor) else workload
+            raise ValueError(f"workload must be a tensor of shape [{self.n_logical}], got {shape}")
+        if not isinstance(avail_counter, torch.Tensor) or avail_counter.dtype not in (
+            torch.int32,
+            torch.int64,
+        ):
+            kind = avail_counter.dtype if isinstance(avail_counter, torch.Tensor) else avail_counter
+            raise TypeError(f"avail_counter must be an int32/int64 tensor, got {kind}")
+        if avail_counter.numel() != 1:
+            raise ValueError(
+                f"avail_counter must have one element, got shape {tuple(avail_counter.shape)}"
+            )
+        if self.group is not None:
+            workload = workload.clone()
+            dist.all_reduce(workload, group=self.group)
+        maps = self._device_maps(workload.device)
+        probs = torch.ops.lplb.solve(
+            workload,
+            maps.phy2log,
+            maps.r2o,
+            maps.o2r,
+            avail_counter,
+            self.n_local_logical,
+            self.n_local_routed,
+            self.n_combined,
+        )
+        return probs, workload
+
+    def weighted_select_target(
+        self,
+        idx: torch.Tensor,
+        probs: torch.Tensor,
+        workload_by_sm: torch.Tensor,
+        n_sms: int,
+    ) -> torch.Tensor:
+        """Map logical indices to physical slots, splitting replicated experts by `probs`.
+
+        Args:
+            idx: any shape, int32/int64, the idx that `count_workload` counted.
+            probs: [n_group, group_size, D] float32 from `solve_probs`.
+            workload_by_sm: [n_sms, E] int32 from `count_workload(idx, n_sms)`.
+            n_sms: the chunk count used for counting.
+
+        Returns:
+            Physical expert of every entry in [0, R), same shape and dtype as idx; -1 kept.
+        """
+        idx = _check_idx(idx)
+        n_sms = _positive_int("n_sms", n_sms)
+        expected = (self.n_group, self.group_size, self.n_sets)
+        if probs.shape != expected:
+            raise ValueError(f"probs must have shape {list(expected)}, got {tuple(probs.shape)}")
+        if workload_by_sm.shape != (n_sms, self.n_logical):
+            raise ValueError(
+                f"workload_by_sm must have shape [{n_sms}, {self.n_logical}], "
+                f"got {tuple(workload_by_sm.shape)}"
+            )
+        maps = self._device_maps(idx.device)
+        return torch.ops.lplb.map_idx(idx, probs, workload_by_sm, maps.log2phy, maps.prob_index)
+
+    def run(
+        self, idx: torch.Tensor, avail_counter: torch.Tensor, n_sms: int | None = None
+    ) -> torch.Tensor:
+        """Balance one batch: count -> (all-reduce) -> solve -> map.
+
+        Args:
+            idx: any shape, int32/int64 logical expert indices in [-1, E).
+            avail_counter: one-element int32/int64 tensor, += groups whose LP converged.
+            n_sms: counting chunks; defaults to the GPU's multiprocessor count on CUDA and 8
+                on CPU (the result does not depend on it).
+
+        Returns:
+            Physical expert indices, same shape and dtype as idx.
+        """
+        idx = _check_idx(idx)
+        if n_sms is None:
+            n_sms = self._default_n_sms(idx.device)
+        workload, workload_by_sm = self.count_workload(idx, n_sms)
+        probs, _ = self.solve_probs(workload, avail_counter)
+        return self.weighted_select_target(idx, probs, workload_by_sm, n_sms)
