@@ -304,6 +304,8 @@ def solve(
     n_local_logical: int,
     n_local_routed: int,
     n_combined: int,
+    *,
+    max_iter: int = MAX_ITER,
 ) -> torch.Tensor:
     """Solve the LP of every EP group and count the groups that converged.
 
@@ -314,6 +316,7 @@ def solve(
         avail_counter: one-element int32/int64 tensor, incremented in place by the number of
             groups whose solve met the tolerance.
         n_local_logical, n_local_routed, n_combined: per-rank layout (docs/lp.md).
+        max_iter: IPM iteration cap (tests lower it to force the failure fallback).
 
     Returns:
         probs: [n_group, G, D] float32, share of each replicated set kept on its original rank.
@@ -327,7 +330,7 @@ def solve(
     w, f = group_loads(
         workload, phy2log, group_size, n_sets, n_local_logical, n_local_routed, n_combined
     )
-    result = ipm_solve(w, f, r2o, o2r)
+    result = ipm_solve(w, f, r2o, o2r, max_iter=max_iter)
     avail_counter += result.converged.sum().to(avail_counter.dtype)
     return result.x.to(torch.float32)
 
