@@ -1,0 +1,150 @@
+// map_idx: send every token of a replicated expert either to the original or to the replica.
+// Token k (global flattened order among the tokens of expert e) goes to the original iff
+// floor((k + 1) x + 0.5) > floor(k x + 0.5), x = the original's share (docs/lp.md). The global
+// order comes from count_idx's exclusive prefix over chunks, so every block works on its own
+// chunk with no inter-block synchronisation, and the result is deterministic:
+//   pass 1: each warp counts the replicated experts of its contiguous sub-chunk (shared memory);
+//   scan:   per expert, exclusive prefix over warps, offset by the block's workload_by_sm row;
+//   pass 2: each warp walks its sub-chunk in order, 32 tokens at a time, ranking equal experts
+//           inside the warp with __match_any_sync and advancing its private running counts.
+#include "common.cuh"
+#include "kernels.cuh"
+
+namespace lplb {
+namespace {
+
+constexpr int kMaxMapWarps = 16;
+constexpr int kMapSmemBudget = 48 * 1024;  // default dynamic shared-memory limit, no opt-in
+constexpr int kMapUnroll = 4;              // batches of 32 tokens loaded before use
+
+// Shared memory per logical expert: share (double) + (original, replica) slots (int2).
+constexpr int kPerExpertBytes = sizeof(double) + sizeof(int2);
+
+template <typename T>
+__global__ void __launch_bounds__(kMaxMapWarps * 32)
+    map_idx_kernel(const T* __restrict__ idx, std::int64_t n, std::int64_t chunk,
+                   T* __restrict__ out, const float* __restrict__ probs, std::int64_t n_probs,
+                   const std::int32_t* __restrict__ workload_by_sm, int n_logical,
+                   const std::int32_t* __restrict__ log2phy,
+                   const std::int32_t* __restrict__ prob_index) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  double* share = reinterpret_cast<double*>(smem);  // [E]; < 0 when not replicated
+  int2* phys = reinterpret_cast<int2*>(share + n_logical);  // [E] (original, replica)
+  int* counts = reinterpret_cast<int*>(phys + n_logical);   // [warps, E]
+
+  const int warps = blockDim.x / 32;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (int e = threadIdx.x; e < n_logical; e += blockDim.x) {
+    const int pi = prob_index[e];
+    share[e] = pi >= 0 && pi < n_probs ? static_cast<double>(probs[pi]) : -1.0;
+    phys[e] = make_int2(log2phy[2 * e], log2phy[2 * e + 1]);
+  }
+  for (int i = threadIdx.x; i < warps * n_logical; i += blockDim.x) counts[i] = 0;
+  __syncthreads();
+
+  const std::int64_t begin = blockIdx.x * chunk;
+  const std::int64_t end = begin + chunk < n ? begin + chunk : n;
+  const std::int64_t len = end > begin ? end - begin : 0;
+  const std::int64_t sub = (len + warps - 1) / warps;
+  const std::int64_t wbegin = begin + warp * sub;
+  const std::int64_t wend = wbegin + sub < end ? wbegin + sub : end;
+  int* my_counts = counts + warp * n_logical;
+
+  for (std::int64_t base = wbegin; base < wend; base += 32 * kMapUnroll) {
+    T v[kMapUnroll];
+#pragma unroll
+    for (int u = 0; u < kMapUnroll; ++u) {
+      const std::int64_t i = base + 32 * u + lane;
+      v[u] = i < wend ? __ldg(idx + i) : T(-1);
+    }
+#pragma unroll
+    for (int u = 0; u < kMapUnroll; ++u) {
+      if (v[u] >= 0 && v[u] < n_logical && share[v[u]] >= 0.0) {
+        atomicAdd(&my_counts[static_cast<int>(v[u])], 1);
+      }
+    }
+  }
+  __syncthreads();
+
+  const std::int32_t* prefix = workload_by_sm + std::int64_t{blockIdx.x} * n_logical;
+  for (int e = threadIdx.x; e < n_logical; e += blockDim.x) {
+    if (share[e] < 0.0) continue;
+    int run = prefix[e];
+    for (int w = 0; w < warps; ++w) {
+      const int c = counts[w * n_logical + e];
+      counts[w * n_logical + e] = run;
+      run += c;
+    }
+  }
+  __syncthreads();
+
+  const unsigned lower_lanes = (1u << lane) - 1u;
+  for (std::int64_t base = wbegin; base < wend; base += 32 * kMapUnroll) {
+    T v[kMapUnroll];
+#pragma unroll
+    for (int u = 0; u < kMapUnroll; ++u) {
+      const std::int64_t i = base + 32 * u + lane;
+      v[u] = i < wend ? __ldg(idx + i) : T(-1);
+    }
+#pragma unroll
+    for (int u = 0; u < kMapUnroll; ++u) {
+      const std::int64_t i = base + 32 * u + lane;
+      const bool valid = v[u] >= 0 && v[u] < n_logical;
+      const int e = valid ? static_cast<int>(v[u]) : 0;
+      const double x = valid ? share[e] : -1.0;
+      const bool replicated = x >= 0.0;
+      // Lanes without a replicated expert get distinct negative keys so they match nobody.
+      const unsigned group = __match_any_sync(kFullMask, replicated ? e : -1 - lane);
+      int k = 0;
+      if (replicated) k = my_counts[e] + __popc(group & lower_lanes);
+      __syncwarp();
+      // The highest lane of each group advances the warp's running count past the group.
+      if (replicated && (group >> lane) == 1u) my_counts[e] = k + 1;
+      __syncwarp();
+      if (i >= wend) continue;
+      T target = T(-1);
+      if (valid) {
+        const int2 slots = phys[e];
+        target = slots.x;
+        if (replicated) {
+          // Separate round-to-nearest multiply and add (no FMA contraction): the CPU reference
+          // evaluates the same two roundings, and the decision must match it bit for bit.
+          const double kd = static_cast<double>(k);
+          const double lo = floor(__dadd_rn(__dmul_rn(kd, x), 0.5));
+          const double hi = floor(__dadd_rn(__dmul_rn(kd + 1.0, x), 0.5));
+          target = hi > lo ? slots.x : slots.y;
+        }
+      }
+      out[i] = target;
+    }
+  }
+}
+
+}  // namespace
+
+void launch_map_idx(const void* idx, bool idx_int64, std::int64_t n, void* out,
+                    const float* probs, std::int64_t n_probs,
+                    const std::int32_t* workload_by_sm, int n_sms, int n_logical,
+                    const std::int32_t* log2phy, const std::int32_t* prob_index,
+                    cudaStream_t stream) {
+  const int per_warp = static_cast<int>(sizeof(int)) * n_logical;
+  const int fixed = kPerExpertBytes * n_logical;
+  int warps = (kMapSmemBudget - fixed) / per_warp;
+  if (warps > kMaxMapWarps) warps = kMaxMapWarps;
+  if (warps < 1) {
+    throw std::invalid_argument("map_idx: n_logical=" + std::to_string(n_logical) +
+                                " needs more shared memory than one block has");
+  }
+  const size_t smem = static_cast<size_t>(fixed) + static_cast<size_t>(warps) * per_warp;
+  const std::int64_t chunk = n == 0 ? 0 : (n + n_sms - 1) / n_sms;
+  dispatch_index_type(idx_int64, [&](auto tag) {
+    using T = decltype(tag);
+    map_idx_kernel<T><<<n_sms, warps * 32, smem, stream>>>(
+        static_cast<const T*>(idx), n, chunk, static_cast<T*>(out), probs, n_probs,
+        workload_by_sm, n_logical, log2phy, prob_index);
+  });
+  check_launch("map_idx_kernel");
+}
+
+}  // namespace lplb
