@@ -1,3 +1,108 @@
+// Python bindings of the CPU EPLB algorithms. Arguments are raw addresses of contiguous CPU
+// tensors (`tensor.data_ptr()`) and sizes; the Python wrapper in eplb/algorithm.py validates
+// them. Layers are independent and run with the GIL released.
 #include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "eplb_balanced.h"
+#include "eplb_deepseek.h"
+
 namespace py = pybind11;
-void register_eplb_cpu(py::module_& m) { (void)m; }
+
+namespace {
+
+template <typename T>
+T* address(uintptr_t ptr) {
+  return reinterpret_cast<T*>(ptr);
+}
+
+void deepseek(uintptr_t weight, uintptr_t group_load, int64_t num_layers,
+              const eplb::Shape& shape, uintptr_t phy2log, uintptr_t phyrank, uintptr_t logcnt) {
+  py::gil_scoped_release release;
+  const int64_t E = shape.num_experts, R = shape.num_replicas;
+  eplb::DeepseekWorkspace ws;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    eplb::deepseek_layer(address<const float>(weight) + l * E,
+                         address<const float>(group_load) + l * shape.num_groups, shape,
+                         address<int64_t>(phy2log) + l * R, address<int64_t>(phyrank) + l * R,
+                         address<int64_t>(logcnt) + l * E, ws);
+  }
+}
+
+void balanced(uintptr_t weight, int64_t num_layers, const eplb::Shape& shape, uintptr_t deepseek,
+              uintptr_t old, uintptr_t phy2log, uintptr_t num_changed) {
+  py::gil_scoped_release release;
+  const int64_t E = shape.num_experts, R = shape.num_replicas;
+  eplb::BalancedWorkspace ws;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const int64_t changed = eplb::balanced_layer(
+        address<const double>(weight) + l * E, shape, address<const int64_t>(deepseek) + l * R,
+        old ? address<const int64_t>(old) + l * R : nullptr, address<int64_t>(phy2log) + l * R, ws);
+    if (num_changed) address<int64_t>(num_changed)[l] = changed;
+  }
+}
+
+// log2phy[l, e, r] = the slot holding copy r of expert e; -1 where there is none. Inputs are
+// checked by the caller: every rank of a used slot is below maxcnt.
+void log2phy(uintptr_t phy2log, uintptr_t phyrank, int64_t num_layers, int64_t num_replicas,
+             int64_t num_experts, int64_t maxcnt, uintptr_t out) {
+  py::gil_scoped_release release;
+  const int64_t* p2l = address<const int64_t>(phy2log);
+  const int64_t* rank = address<const int64_t>(phyrank);
+  int64_t* dst = address<int64_t>(out);
+  std::fill(dst, dst + num_layers * num_experts * maxcnt, int64_t{-1});
+  for (int64_t l = 0; l < num_layers; ++l) {
+    for (int64_t p = 0; p < num_replicas; ++p) {
+      const int64_t e = p2l[l * num_replicas + p];
+      if (e >= 0) dst[(l * num_experts + e) * maxcnt + rank[l * num_replicas + p]] = p;
+    }
+  }
+}
+
+eplb::Shape make_shape(int64_t num_experts, int64_t num_replicas, int64_t num_groups,
+                       int64_t num_nodes, int64_t num_gpus) {
+  return {num_experts, num_replicas, num_groups, num_nodes, num_gpus};
+}
+
+}  // namespace
+
+void register_eplb_cpu(py::module_& m) {
+  m.def(
+      "eplb_deepseek",
+      [](uintptr_t weight, uintptr_t group_load, int64_t num_layers, int64_t num_experts,
+         int64_t num_replicas, int64_t num_groups, int64_t num_nodes, int64_t num_gpus,
+         uintptr_t phy2log, uintptr_t phyrank, uintptr_t logcnt) {
+        deepseek(weight, group_load, num_layers,
+                 make_shape(num_experts, num_replicas, num_groups, num_nodes, num_gpus), phy2log,
+                 phyrank, logcnt);
+      },
+      "DeepSeek-exact EPLB. weight [L, E] float32, group_load [L, num_groups] float32 (per-group "
+      "sums); writes phy2log [L, R], phyrank [L, R], logcnt [L, E] int64. The global policy is "
+      "num_groups = num_nodes = 1.",
+      py::arg("weight"), py::arg("group_load"), py::arg("num_layers"), py::arg("num_experts"),
+      py::arg("num_replicas"), py::arg("num_groups"), py::arg("num_nodes"), py::arg("num_gpus"),
+      py::arg("phy2log"), py::arg("phyrank"), py::arg("logcnt"));
+  m.def(
+      "eplb_balanced",
+      [](uintptr_t weight, int64_t num_layers, int64_t num_experts, int64_t num_replicas,
+         int64_t num_groups, int64_t num_nodes, int64_t num_gpus, uintptr_t deepseek_phy2log,
+         uintptr_t old_phy2log, uintptr_t phy2log, uintptr_t num_changed) {
+        balanced(weight, num_layers,
+                 make_shape(num_experts, num_replicas, num_groups, num_nodes, num_gpus),
+                 deepseek_phy2log, old_phy2log, phy2log, num_changed);
+      },
+      "Duplicate-free EPLB. weight [L, E] float64, deepseek_phy2log [L, R] int64 (eplb_deepseek's "
+      "result for the same shape), old_phy2log [L, R] int64 or 0; writes phy2log [L, R] int64 and, "
+      "when old_phy2log is given, num_changed [L] int64.",
+      py::arg("weight"), py::arg("num_layers"), py::arg("num_experts"), py::arg("num_replicas"),
+      py::arg("num_groups"), py::arg("num_nodes"), py::arg("num_gpus"),
+      py::arg("deepseek_phy2log"), py::arg("old_phy2log"), py::arg("phy2log"),
+      py::arg("num_changed"));
+  m.def("eplb_log2phy", &log2phy,
+        "Inverse placement map. phy2log, phyrank [L, R] int64 (-1 = unused slot); writes "
+        "log2phy [L, E, maxcnt] int64, -1 padded.",
+        py::arg("phy2log"), py::arg("phyrank"), py::arg("num_layers"), py::arg("num_replicas"),
+        py::arg("num_experts"), py::arg("maxcnt"), py::arg("log2phy"));
+}

@@ -1,0 +1,146 @@
+#include "eplb_deepseek.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace eplb {
+namespace {
+
+// Min-heap order: lightest pack on top, ties to the lowest pack index (Python's `min` keeps the
+// first of equal keys).
+struct HeavierPack {
+  bool operator()(const PackLoad& a, const PackLoad& b) const {
+    return a.load > b.load || (a.load == b.load && a.pack > b.pack);
+  }
+};
+
+// Sort key of item i with weight v >= 0: ascending keys give descending weights, ties to the
+// lower index (the order of a stable descending sort). Non-negative floats order like their bit
+// patterns; adding +0.0f turns -0.0f into +0.0f.
+uint64_t descending_key(float v, int64_t i) {
+  uint32_t bits;
+  const float positive = v + 0.0f;
+  std::memcpy(&bits, &positive, sizeof bits);
+  return (static_cast<uint64_t>(~bits) << 32) | static_cast<uint64_t>(i);
+}
+
+// Longest-processing-time packing of n items into num_packs packs of exactly n / num_packs items.
+// Items are taken in descending weight order, ties to the lower item index (a stable sort).
+void balanced_packing(const float* w, int64_t n, int64_t num_packs, int64_t* pack, int64_t* rank,
+                      std::vector<uint64_t>& order, std::vector<PackLoad>& heap) {
+  const int64_t cap = n / num_packs;
+  if (cap == 1) {
+    for (int64_t i = 0; i < n; ++i) {
+      pack[i] = i;
+      rank[i] = 0;
+    }
+    return;
+  }
+  order.resize(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = descending_key(w[i], i);
+  std::sort(order.begin(), order.end());
+
+  heap.clear();
+  for (int64_t p = 0; p < num_packs; ++p) heap.push_back({0.0f, p, 0});
+  std::make_heap(heap.begin(), heap.end(), HeavierPack{});
+  for (const uint64_t key : order) {
+    const int64_t item = static_cast<int64_t>(key & 0xffffffffu);
+    std::pop_heap(heap.begin(), heap.end(), HeavierPack{});
+    PackLoad& top = heap.back();
+    pack[item] = top.pack;
+    rank[item] = top.items;
+    top.load += w[item];
+    if (++top.items < cap) {
+      std::push_heap(heap.begin(), heap.end(), HeavierPack{});
+    } else {
+      heap.pop_back();  // full packs leave the heap for good
+    }
+  }
+}
+
+// Max-heap order: largest per-copy load on top, ties to the lowest expert index (torch's max
+// returns the first maximal index).
+struct LighterReplica {
+  bool operator()(const ReplicaLoad& a, const ReplicaLoad& b) const {
+    return a.per_copy < b.per_copy || (a.per_copy == b.per_copy && a.expert > b.expert);
+  }
+};
+
+// Give num_phy - n extra copies, each to the expert with the largest load per copy.
+void replicate_experts(const float* w, int64_t n, int64_t num_phy, int64_t* phy2log,
+                       int64_t* rank, int64_t* cnt, std::vector<ReplicaLoad>& heap) {
+  heap.resize(n);
+  for (int64_t e = 0; e < n; ++e) {
+    phy2log[e] = e;
+    rank[e] = 0;
+    cnt[e] = 1;
+    heap[e] = {w[e], e};
+  }
+  std::make_heap(heap.begin(), heap.end(), LighterReplica{});
+  for (int64_t p = n; p < num_phy; ++p) {
+    std::pop_heap(heap.begin(), heap.end(), LighterReplica{});
+    const int64_t e = heap.back().expert;
+    phy2log[p] = e;
+    rank[p] = cnt[e];
+    cnt[e] += 1;
+    heap.back().per_copy = w[e] / static_cast<float>(cnt[e]);
+    std::push_heap(heap.begin(), heap.end(), LighterReplica{});
+  }
+}
+
+}  // namespace
+
+void deepseek_layer(const float* weight, const float* group_load, const Shape& shape,
+                    int64_t* phy2log, int64_t* phyrank, int64_t* logcnt, DeepseekWorkspace& ws) {
+  const int64_t E = shape.num_experts;
+  const int64_t group_size = E / shape.num_groups;
+  const int64_t groups_per_node = shape.num_groups / shape.num_nodes;
+  const int64_t experts_per_node = E / shape.num_nodes;
+  const int64_t phy_per_node = shape.num_replicas / shape.num_nodes;
+  const int64_t gpus_per_node = shape.num_gpus / shape.num_nodes;
+  const int64_t phy_per_gpu = shape.num_replicas / shape.num_gpus;
+
+  // Step 1: groups to nodes; "mlog" numbers experts node by node.
+  ws.pack.resize(std::max(shape.num_groups, phy_per_node));
+  ws.rank.resize(ws.pack.size());
+  balanced_packing(group_load, shape.num_groups, shape.num_nodes, ws.pack.data(), ws.rank.data(),
+                   ws.order, ws.pack_heap);
+  ws.log2mlog.resize(E);
+  ws.mlog2log.resize(E);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t g = e / group_size;
+    const int64_t m = (ws.pack[g] * groups_per_node + ws.rank[g]) * group_size + e % group_size;
+    ws.log2mlog[e] = m;
+    ws.mlog2log[m] = e;
+  }
+
+  ws.node_weight.resize(experts_per_node);
+  ws.phy_weight.resize(phy_per_node);
+  ws.phy2mlog.resize(phy_per_node);
+  ws.phyrank.resize(phy_per_node);
+  ws.mlogcnt.resize(experts_per_node);
+  for (int64_t node = 0; node < shape.num_nodes; ++node) {
+    const int64_t* node_log = ws.mlog2log.data() + node * experts_per_node;
+    for (int64_t i = 0; i < experts_per_node; ++i) ws.node_weight[i] = weight[node_log[i]];
+
+    // Step 2: replicate within the node.
+    replicate_experts(ws.node_weight.data(), experts_per_node, phy_per_node, ws.phy2mlog.data(),
+                      ws.phyrank.data(), ws.mlogcnt.data(), ws.replica_heap);
+
+    // Step 3: pack the node's physical experts to its GPUs.
+    for (int64_t p = 0; p < phy_per_node; ++p) {
+      const int64_t m = ws.phy2mlog[p];
+      ws.phy_weight[p] = ws.node_weight[m] / static_cast<float>(ws.mlogcnt[m]);
+    }
+    balanced_packing(ws.phy_weight.data(), phy_per_node, gpus_per_node, ws.pack.data(),
+                     ws.rank.data(), ws.order, ws.pack_heap);
+    for (int64_t p = 0; p < phy_per_node; ++p) {
+      const int64_t slot = node * phy_per_node + ws.pack[p] * phy_per_gpu + ws.rank[p];
+      phy2log[slot] = node_log[ws.phy2mlog[p]];
+      phyrank[slot] = ws.phyrank[p];
+    }
+    for (int64_t i = 0; i < experts_per_node; ++i) logcnt[node_log[i]] = ws.mlogcnt[i];
+  }
+}
+
+}  // namespace eplb

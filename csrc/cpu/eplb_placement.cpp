@@ -1,0 +1,329 @@
+#include "eplb_placement.h"
+
+#include <algorithm>
+#include <limits>
+#include <numeric>
+
+namespace eplb {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+struct PerCopy {
+  double load;
+  int expert;
+};
+
+// Max-heap order: largest load per copy on top, ties to the lowest expert (as the reference).
+bool lighter(const PerCopy& a, const PerCopy& b) {
+  return a.load < b.load || (a.load == b.load && a.expert > b.expert);
+}
+
+}  // namespace
+
+void NodePlacement::reset(const double* w, int n, int G, int S) {
+  w_ = w;
+  n_ = n;
+  G_ = G;
+  S_ = S;
+  cnt_.assign(n, 1);
+  q_.assign(n, 0.0);
+  load_.assign(G, 0.0);
+  has_.assign(static_cast<size_t>(G) * n, 0);
+  top1_.assign(n, -kInf);
+  top2_.assign(n, -kInf);
+  top1_gpu_.assign(n, -1);
+}
+
+void NodePlacement::set_counts(const int* counts) {
+  int64_t total = 0;
+  for (int e = 0; e < n_; ++e) {
+    cnt_[e] = counts ? std::clamp(counts[e], 1, G_) : 1;
+    total += cnt_[e];
+  }
+  const int64_t target = static_cast<int64_t>(G_) * S_;
+  // Too many copies (only when missing experts were raised to one): drop the copy whose removal
+  // raises its expert's per-copy load the least.
+  for (; total > target; --total) {
+    int best = -1;
+    for (int e = 0; e < n_; ++e) {
+      if (cnt_[e] >= 2 && (best < 0 || w_[e] / (cnt_[e] - 1) < w_[best] / (cnt_[best] - 1))) {
+        best = e;
+      }
+    }
+    cnt_[best] -= 1;
+  }
+  // Too few: the reference's greedy (largest load per copy first), capped at one copy per GPU.
+  std::vector<PerCopy> heap;
+  for (int e = 0; e < n_; ++e) {
+    if (cnt_[e] < G_) heap.push_back({w_[e] / cnt_[e], e});
+  }
+  std::make_heap(heap.begin(), heap.end(), lighter);
+  for (; total < target; ++total) {
+    std::pop_heap(heap.begin(), heap.end(), lighter);
+    const int e = heap.back().expert;
+    cnt_[e] += 1;
+    if (cnt_[e] < G_) {
+      heap.back().load = w_[e] / cnt_[e];
+      std::push_heap(heap.begin(), heap.end(), lighter);
+    } else {
+      heap.pop_back();
+    }
+  }
+  for (int e = 0; e < n_; ++e) q_[e] = w_[e] / cnt_[e];
+}
+
+double NodePlacement::gpu_load(int g) const {
+  double sum = 0.0;
+  for (int s = 0; s < S_; ++s) {
+    const int e = at(g, s);
+    if (e >= 0) sum += q_[e];
+  }
+  return sum;
+}
+
+double NodePlacement::max_load() const { return *std::max_element(load_.begin(), load_.end()); }
+
+void NodePlacement::build(const int* slots, const int* counts) {
+  set_counts(counts);
+  slot_.assign(slots, slots + static_cast<size_t>(G_) * S_);
+  std::fill(has_.begin(), has_.end(), 0);
+  std::vector<int> kept(n_, 0);
+  for (int g = 0; g < G_; ++g) {
+    for (int s = 0; s < S_; ++s) {
+      const int e = at(g, s);
+      if (e < 0) continue;
+      if (has(g, e)) {
+        at(g, s) = -1;
+        continue;
+      }
+      set_has(g, e, true);
+      kept[e] += 1;
+    }
+  }
+  for (int g = 0; g < G_; ++g) load_[g] = gpu_load(g);
+  drop_excess_copies(kept);
+  fill_missing(kept);
+  for (int g = 0; g < G_; ++g) load_[g] = gpu_load(g);
+}
+
+void NodePlacement::drop_excess_copies(std::vector<int>& kept) {
+  for (int e = 0; e < n_; ++e) {
+    for (; kept[e] > cnt_[e]; --kept[e]) {
+      int worst = -1;  // heaviest GPU holding e
+      for (int g = 0; g < G_; ++g) {
+        if (has(g, e) && (worst < 0 || load_[g] > load_[worst])) worst = g;
+      }
+      for (int s = 0; s < S_; ++s) {
+        if (at(worst, s) == e) at(worst, s) = -1;
+      }
+      set_has(worst, e, false);
+      load_[worst] -= q_[e];
+    }
+  }
+}
+
+void NodePlacement::fill_missing(const std::vector<int>& kept) {
+  std::vector<int> missing;
+  for (int e = 0; e < n_; ++e) missing.insert(missing.end(), cnt_[e] - kept[e], e);
+  std::stable_sort(missing.begin(), missing.end(), [this](int a, int b) { return q_[a] > q_[b]; });
+  std::vector<int> room(G_, 0);
+  for (int g = 0; g < G_; ++g) {
+    for (int s = 0; s < S_; ++s) room[g] += at(g, s) < 0;
+  }
+  for (int e : missing) {
+    int best = -1;
+    for (int g = 0; g < G_; ++g) {
+      if (room[g] > 0 && !has(g, e) && (best < 0 || load_[g] < load_[best])) best = g;
+    }
+    if (best < 0) best = make_room(e, room);
+    int s = 0;
+    while (at(best, s) >= 0) ++s;
+    at(best, s) = e;
+    set_has(best, e, true);
+    room[best] -= 1;
+    load_[best] += q_[e];
+  }
+}
+
+// Every GPU with a free slot already holds e. Then the lightest GPU g without e is full, and as a
+// GPU h with a free slot holds fewer distinct experts than g, some expert x of g is not on h:
+// moving x to h frees a slot on g that e may take.
+int NodePlacement::make_room(int e, std::vector<int>& room) {
+  int h = 0;
+  while (room[h] == 0) ++h;
+  int g = -1;
+  for (int k = 0; k < G_; ++k) {
+    if (!has(k, e) && (g < 0 || load_[k] < load_[g])) g = k;
+  }
+  int s = 0;
+  while (has(h, at(g, s))) ++s;
+  const int x = at(g, s);
+  int t = 0;
+  while (at(h, t) >= 0) ++t;
+  at(h, t) = x;
+  set_has(h, x, true);
+  room[h] -= 1;
+  load_[h] += q_[x];
+  at(g, s) = -1;
+  set_has(g, x, false);
+  room[g] += 1;
+  load_[g] -= q_[x];
+  return g;
+}
+
+void NodePlacement::holder_maxima() {
+  std::fill(top1_.begin(), top1_.end(), -kInf);
+  std::fill(top2_.begin(), top2_.end(), -kInf);
+  for (int g = 0; g < G_; ++g) {
+    const double l = load_[g];
+    for (int s = 0; s < S_; ++s) {
+      const int e = at(g, s);
+      if (l > top1_[e]) {
+        top2_[e] = top1_[e];
+        top1_[e] = l;
+        top1_gpu_[e] = g;
+      } else if (l > top2_[e]) {
+        top2_[e] = l;
+      }
+    }
+  }
+}
+
+double NodePlacement::holder_max_except(int e, int g) const {
+  return top1_gpu_[e] == g ? top2_[e] : top1_[e];
+}
+
+// The move that leaves the lowest maximum over the GPUs it changes, if that is below g's load.
+// Loads that a move only lowers are left out of that maximum.
+bool NodePlacement::best_move(int g, Move& move) const {
+  const double M = load_[g];
+  double best = M;
+  bool found = false;
+  auto consider = [&](double value, const Move& m) {
+    if (value < best) {
+      best = value;
+      move = m;
+      found = true;
+    }
+  };
+
+  // Swap a copy on g with a lighter copy on another GPU.
+  for (int s = 0; s < S_; ++s) {
+    const int a = at(g, s);
+    const double qa = q_[a];
+    for (int h = 0; h < G_; ++h) {
+      const double lh = load_[h];
+      if (h == g || lh >= best || has(h, a)) continue;
+      for (int t = 0; t < S_; ++t) {
+        const int b = at(h, t);
+        const double d = qa - q_[b];
+        if (d <= 0.0 || has(g, b)) continue;
+        consider(std::max(M - d, lh + d), {MoveKind::kSwap, g, s, h, t, a, b});
+      }
+    }
+  }
+
+  // Turn a copy on g of a replicated expert into one more copy of the expert, not on g, whose
+  // per-copy load would then be the smallest.
+  int cheapest = -1;
+  double cheapest_load = kInf;
+  for (int b = 0; b < n_; ++b) {
+    if (cnt_[b] >= G_ || has(g, b)) continue;
+    const double l = w_[b] / (cnt_[b] + 1);
+    if (l < cheapest_load) {
+      cheapest_load = l;
+      cheapest = b;
+    }
+  }
+  if (cheapest >= 0) {
+    for (int s = 0; s < S_; ++s) {
+      const int a = at(g, s);
+      if (cnt_[a] < 2) continue;
+      const double rise = w_[a] / (cnt_[a] - 1) - q_[a];
+      consider(std::max(M - q_[a] + cheapest_load, holder_max_except(a, g) + rise),
+               {MoveKind::kTransfer, g, s, -1, -1, a, cheapest});
+    }
+  }
+
+  // Give an expert of g one more copy on a GPU h without it, in place of a copy there of a
+  // replicated expert b: every holder of the first gets lighter, h and the holders of b heavier.
+  for (int s = 0; s < S_; ++s) {
+    const int a = at(g, s);
+    if (cnt_[a] >= G_) continue;
+    const double qa_new = w_[a] / (cnt_[a] + 1);
+    const double g_new = M - (q_[a] - qa_new);
+    if (g_new >= best) continue;
+    for (int h = 0; h < G_; ++h) {
+      if (has(h, a)) continue;
+      for (int t = 0; t < S_; ++t) {
+        const int b = at(h, t);
+        if (cnt_[b] < 2 || has(g, b)) continue;
+        const double h_new = load_[h] - q_[b] + qa_new;
+        const double rise = w_[b] / (cnt_[b] - 1) - q_[b];
+        consider(std::max({g_new, h_new, holder_max_except(b, h) + rise}),
+                 {MoveKind::kTransfer, h, t, -1, -1, b, a});
+      }
+    }
+  }
+  return found;
+}
+
+void NodePlacement::apply(const Move& m) {
+  if (m.kind == MoveKind::kSwap) {
+    const int a = at(m.g, m.s), b = at(m.h, m.t);
+    at(m.g, m.s) = b;
+    at(m.h, m.t) = a;
+    set_has(m.g, a, false);
+    set_has(m.g, b, true);
+    set_has(m.h, b, false);
+    set_has(m.h, a, true);
+    return;
+  }
+  at(m.g, m.s) = m.to;
+  set_has(m.g, m.from, false);
+  set_has(m.g, m.to, true);
+  cnt_[m.from] -= 1;
+  cnt_[m.to] += 1;
+  q_[m.from] = w_[m.from] / cnt_[m.from];
+  q_[m.to] = w_[m.to] / cnt_[m.to];
+}
+
+// Applies the move and keeps it if every GPU it changed ends strictly below `bound` (loads are
+// recomputed from scratch, so rounding can never let the search cycle).
+bool NodePlacement::apply_if_below(const Move& m, double bound) {
+  touched_.clear();
+  if (m.kind == MoveKind::kSwap) {
+    touched_ = {m.g, m.h};
+  } else {
+    for (int g = 0; g < G_; ++g) {
+      if (g == m.g || has(g, m.from) || has(g, m.to)) touched_.push_back(g);
+    }
+  }
+  apply(m);
+  bool below = true;
+  for (int g : touched_) {
+    load_[g] = gpu_load(g);
+    below = below && load_[g] < bound;
+  }
+  if (below) return true;
+  Move inverse = m;
+  std::swap(inverse.from, inverse.to);
+  apply(inverse);
+  for (int g : touched_) load_[g] = gpu_load(g);
+  return false;
+}
+
+void NodePlacement::improve() {
+  // Each accepted move lowers the sorted load vector lexicographically, so the search ends; the
+  // cap only bounds the time spent on long chains of tiny improvements.
+  const int max_moves = 8 * G_ * S_ + 64;
+  for (int it = 0; it < max_moves; ++it) {
+    const int g = static_cast<int>(std::max_element(load_.begin(), load_.end()) - load_.begin());
+    holder_maxima();
+    Move move;
+    if (!best_move(g, move) || !apply_if_below(move, load_[g])) break;
+  }
+}
+
+}  // namespace eplb

@@ -1,0 +1,175 @@
+"""Expert replication and placement (EPLB), DeepSeek-compatible, with a C++ core.
+
+``rebalance_experts`` validates its arguments and hands contiguous CPU tensors to ``lplb._C``
+(csrc/cpu/eplb*.cpp), which runs the per-layer algorithms.
+
+* ``policy="deepseek"`` (default) reproduces deepseek-ai/EPLB ``eplb.rebalance_experts``: the same
+  float32 arithmetic in the same order, so the outputs are identical (ties between equal loads go
+  to the lower index, as a stable sort would).
+* ``policy="balanced"`` never puts two copies of one expert on one GPU and, on every layer, leaves
+  the heaviest GPU no heavier than the DeepSeek placement does (see docs/eplb.md for the cases
+  where that is impossible without a repeat); it can also stay close to an old placement.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from eplb.metrics import log2phy_from_ranks, phy2log_to_log2phy
+from lplb import _C
+
+__all__ = ["POLICIES", "rebalance_experts"]
+
+POLICIES = ("deepseek", "balanced")
+
+
+def _positive_int(name: str, value: object) -> int:
+    """``value`` as a Python int > 0; bools and non-integers are rejected."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if number <= 0:
+        raise ValueError(f"{name} must be positive, got {number}")
+    return number
+
+
+def _checked_weight(weight: object) -> torch.Tensor:
+    """Loads as a CPU tensor of their own dtype; [L, E], finite, non-negative, int or float."""
+    w = torch.as_tensor(weight) if not isinstance(weight, torch.Tensor) else weight
+    if w.dtype == torch.bool or w.is_complex():
+        raise TypeError(f"weight must have an int or float dtype, got {w.dtype}")
+    if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"weight must be a non-empty 2-D [layers, experts], got {tuple(w.shape)}")
+    w = w.detach().cpu()
+    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weight must be finite, got {w[~torch.isfinite(w)][0].item()}")
+    if bool((w < 0).any()):
+        raise ValueError(f"weight must be non-negative, got {w.min().item()}")
+    return w
+
+
+def _checked_old(old_phy2log: object, num_layers: int, num_replicas: int, num_experts: int):
+    """Old placement as a contiguous CPU int64 [L, R] tensor with ids in [-1, E)."""
+    old = torch.as_tensor(old_phy2log)
+    if old.dtype == torch.bool or old.is_floating_point() or old.is_complex():
+        raise TypeError(f"old_phy2log must have an integer dtype, got {old.dtype}")
+    if tuple(old.shape) != (num_layers, num_replicas):
+        raise ValueError(
+            f"old_phy2log must have shape {(num_layers, num_replicas)}, got {tuple(old.shape)}"
+        )
+    old = old.to("cpu", torch.int64).contiguous()
+    low, high = int(old.min()), int(old.max())
+    if low < -1 or high >= num_experts:
+        bad = low if low < -1 else high
+        raise ValueError(f"old_phy2log holds {bad}; ids must be in [0, {num_experts}) or -1")
+    return old
+
+
+def rebalance_experts(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    policy: str = "deepseek",
+    old_phy2log: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Replicate logical experts into physical slots and place the slots on GPUs.
+
+    The hierarchical policy applies when ``num_nodes`` divides ``num_groups``: expert groups are
+    packed onto nodes, experts are replicated within each node, and the copies are packed onto the
+    node's GPUs. Otherwise the global policy treats all experts as one group on one node.
+
+    Args:
+        weight: [L, E] load statistics per layer and logical expert; any device, int or float
+            dtype, finite and non-negative.
+        num_replicas: R, physical experts per layer; a multiple of ``num_gpus`` and >= E.
+        num_groups: expert groups (hierarchical policy only: must divide E).
+        num_nodes: server nodes; must divide ``num_gpus``.
+        num_gpus: GPUs; GPU ``g`` holds slots ``[g * R / num_gpus, (g + 1) * R / num_gpus)``.
+        policy: ``"deepseek"`` (exact reference behaviour) or ``"balanced"`` (no expert twice on a
+            GPU, copies capped at the GPUs an expert may use, heaviest GPU never heavier than
+            the reference's; needs ``R / num_gpus`` <= experts per node).
+        old_phy2log: [L, R] integer, the placement in use now (``policy="balanced"`` only). The
+            GPUs, nodes and slots of the result are arranged to keep experts where they are, and
+            a placement grown from the old one is preferred when it balances as well.
+
+    Returns:
+        phy2log: [L, R] int64, logical expert of every physical slot.
+        log2phy: [L, E, max(logcnt)] int64, physical slots of every logical expert, -1 padded.
+        logcnt: [L, E] int64, copies of every logical expert.
+        num_changed: [L] int64, slots whose expert differs from ``old_phy2log`` (only returned
+            when ``old_phy2log`` is given).
+        All on the CPU.
+    """
+    w = _checked_weight(weight)
+    num_replicas = _positive_int("num_replicas", num_replicas)
+    num_groups = _positive_int("num_groups", num_groups)
+    num_nodes = _positive_int("num_nodes", num_nodes)
+    num_gpus = _positive_int("num_gpus", num_gpus)
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if old_phy2log is not None and policy != "balanced":
+        raise ValueError(f"old_phy2log needs policy='balanced', got policy={policy!r}")
+    num_layers, num_experts = w.shape
+    if num_replicas % num_gpus:
+        raise ValueError(f"num_replicas={num_replicas} is not a multiple of num_gpus={num_gpus}")
+    if num_replicas < num_experts:
+        raise ValueError(f"num_replicas={num_replicas} is below the {num_experts} experts")
+    if num_gpus % num_nodes:
+        raise ValueError(f"num_gpus={num_gpus} is not a multiple of num_nodes={num_nodes}")
+    if num_groups % num_nodes == 0:
+        if num_experts % num_groups:
+            raise ValueError(f"num_groups={num_groups} does not divide the {num_experts} experts")
+    else:
+        num_groups = num_nodes = 1  # the global policy
+    per_gpu = num_replicas // num_gpus
+    if policy == "balanced" and per_gpu > num_experts // num_nodes:
+        raise ValueError(
+            f"policy='balanced' needs at most {num_experts // num_nodes} slots per GPU (the "
+            f"experts per node) to avoid repeats, got num_replicas/num_gpus={per_gpu}"
+        )
+    old = None
+    if old_phy2log is not None:
+        old = _checked_old(old_phy2log, num_layers, num_replicas, num_experts)
+
+    # Group sums exactly as the reference computes them (torch, float32, on the unflattened view).
+    w32 = w.float()
+    group_load = w32.unflatten(-1, (num_groups, num_experts // num_groups)).sum(-1).contiguous()
+    w32 = w32.contiguous()
+    phy2log = torch.empty(num_layers, num_replicas, dtype=torch.int64)
+    phyrank = torch.empty_like(phy2log)
+    logcnt = torch.empty(num_layers, num_experts, dtype=torch.int64)
+    sizes = (num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
+    _C.eplb_deepseek(
+        w32.data_ptr(),
+        group_load.data_ptr(),
+        *sizes,
+        phy2log.data_ptr(),
+        phyrank.data_ptr(),
+        logcnt.data_ptr(),
+    )
+    if policy == "deepseek":
+        return phy2log, log2phy_from_ranks(phy2log, phyrank, logcnt), logcnt
+
+    w64 = w.double().contiguous()
+    placed = torch.empty_like(phy2log)
+    num_changed = torch.zeros(num_layers, dtype=torch.int64)
+    _C.eplb_balanced(
+        w64.data_ptr(),
+        *sizes,
+        phy2log.data_ptr(),
+        0 if old is None else old.data_ptr(),
+        placed.data_ptr(),
+        0 if old is None else num_changed.data_ptr(),
+    )
+    log2phy, logcnt = phy2log_to_log2phy(placed, num_experts)
+    if old is None:
+        return placed, log2phy, logcnt
+    return placed, log2phy, logcnt, num_changed
