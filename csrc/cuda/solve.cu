@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     zx[d] = 1.0;
     nu[d] = 1.0;
   }
-  const double load0 = c + apply_b(W, x, r2o);
+  const double load0 = c - apply_b(W, x, r2o);  // rank loads L(x) = c - B x at x = 1/2
   double t = warp_max(act ? load0 : -INFINITY) + 1.0;
   // Idle lanes keep harmless positive values; they are masked out of every reduction.
   double s = act ? t - load0 : 1.0;
