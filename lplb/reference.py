@@ -110,6 +110,24 @@ def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
     return ratio.amin(-1)
 
 
+def _step_lengths(
+    point: tuple[torch.Tensor, ...], step: tuple[torch.Tensor, ...], fraction: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Primal and dual step lengths: min(1, fraction * largest step keeping the side >= 0).
+
+    Args:
+        point: (z, w, zeta, nu), step: (dz, dw, dzeta, dnu), each [B, K] float64.
+
+    Returns:
+        a_p, a_d: [B] float64.
+    """
+    z, w, zeta, nu = point
+    dz, dw, dzeta, dnu = step
+    primal = _max_step(torch.cat([z, w], 1), torch.cat([dz, dw], 1))
+    dual = _max_step(torch.cat([zeta, nu], 1), torch.cat([dzeta, dnu], 1))
+    return (fraction * primal).clamp(max=1.0), (fraction * dual).clamp(max=1.0)
+
+
 def _lp_matrices(
     w: torch.Tensor, f: torch.Tensor, r2o: torch.Tensor, o2r: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,14 +265,7 @@ def ipm_solve(
         # Predictor (affine scaling) direction, then Mehrotra's centring + second-order corrector.
         aff = direction(chol, theta, r_p, r_u, r_d, -z * zeta, -wu * nu)
         dz_a, dw_a, _, dzeta_a, dnu_a = aff
-        ap = torch.minimum(
-            _max_step(torch.cat([z, wu], 1), torch.cat([dz_a, dw_a], 1)),
-            torch.ones(b, dtype=torch.float64),
-        )
-        ad = torch.minimum(
-            _max_step(torch.cat([zeta, nu], 1), torch.cat([dzeta_a, dnu_a], 1)),
-            torch.ones(b, dtype=torch.float64),
-        )
+        ap, ad = _step_lengths((z, wu, zeta, nu), (dz_a, dw_a, dzeta_a, dnu_a), 1.0)
         mu_aff = (
             ((z + ap[:, None] * dz_a) * (zeta + ad[:, None] * dzeta_a)).sum(-1)
             + ((wu + ap[:, None] * dw_a) * (nu + ad[:, None] * dnu_a)).sum(-1)
@@ -269,12 +280,7 @@ def ipm_solve(
             sigma_mu - z * zeta - dz_a * dzeta_a,
             sigma_mu - wu * nu - dw_a * dnu_a,
         )
-        ap = torch.clamp(
-            STEP_FRACTION * _max_step(torch.cat([z, wu], 1), torch.cat([dz, dw], 1)), max=1.0
-        )
-        ad = torch.clamp(
-            STEP_FRACTION * _max_step(torch.cat([zeta, nu], 1), torch.cat([dzeta, dnu], 1)), max=1.0
-        )
+        ap, ad = _step_lengths((z, wu, zeta, nu), (dz, dw, dzeta, dnu), STEP_FRACTION)
         new = (
             z + ap[:, None] * dz,
             wu + ap[:, None] * dw,
