@@ -8,7 +8,8 @@ normal noise of relative sigma 0.3 / 1.0, Zipf-shaped), compares
   lplb+reorder reordered layout, shares from our LP solve
   optimum      reordered layout, exact LP optimum (scipy HiGHS)
 and records the relative error of our solve against the optimum and the IPM iteration counts.
-Prints a markdown table and writes JSON (device, versions, command, numbers).
+Prints markdown tables (one per workload model) and writes JSON (device, versions, command,
+numbers).
 
     python bench/bench_quality.py [--workloads 1000] [--out bench/results/quality_cpu.json]
 """
@@ -27,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from lp_oracle import lp_loads, optimal_max_load, random_workloads  # noqa: E402
+from lp_oracle import KINDS, lp_loads, optimal_max_load, random_workloads  # noqa: E402
 
 from lplb import CUBE_8P2E, HYPERCUBE_16P2E, RING_8P, Planner, reference, torus_2d  # noqa: E402
 
@@ -86,38 +87,42 @@ def bench_config(r2o: torch.Tensor, ep: int, k: int, n_workloads: int, seed: int
     reordered = [p for p in reordered for _ in range(DRAWS_PER_HISTORY)][:n_workloads]
 
     r2o_np = r2o.numpy()
-    results = {}
-    per_layout = {}
+    imbalance = {}
+    errors, iterations = [], []
+    failed = 0
     for layout, phy2logs in (("identity", [identity] * n_workloads), ("reorder", reordered)):
         w, f = _stacked_sets(planner, workloads, phy2logs)
-        start = time.perf_counter()
         solved = reference.ipm_solve(w, f, r2o, planner.o2r)
-        elapsed = time.perf_counter() - start
         # The op hands float32 shares to the mapping; measure what it would hand out.
         x = solved.x.to(torch.float32).double().numpy()
         w, f = w.numpy(), f.numpy()
         ours = lp_loads(w, f, x, r2o_np).max(-1)
         best = optimal_max_load(w, f, r2o_np)
         positive = best > 0
-        per_layout[layout] = {
-            "rel_err": _quantiles(np.abs(ours[positive] / best[positive] - 1.0)),
-            "iterations": _quantiles(solved.iterations.double().numpy()),
-            "failed_groups": int((~solved.converged).sum()),
-            "solve_s_per_call": elapsed,
-        }
+        errors.append(np.abs(ours[positive] / best[positive] - 1.0))
+        iterations.append(solved.iterations.double().numpy())
+        failed += int((~solved.converged).sum())
         ones = np.ones_like(x)
-        results["none" if layout == "identity" else "reorder"] = _imbalance(w, f, ones, r2o_np)
-        results["lplb" if layout == "identity" else "lplb+reorder"] = _imbalance(w, f, x, r2o_np)
+        imbalance["none" if layout == "identity" else "reorder"] = _imbalance(w, f, ones, r2o_np)
+        imbalance["lplb" if layout == "identity" else "lplb+reorder"] = _imbalance(w, f, x, r2o_np)
         if layout == "reorder":
             mean = lp_loads(w, f, ones, r2o_np).mean(-1)
-            results["optimum"] = np.where(mean > 0, best / np.where(mean > 0, mean, 1.0), 1.0)
+            imbalance["optimum"] = np.where(mean > 0, best / np.where(mean > 0, mean, 1.0), 1.0)
+
+    # Workload j follows the model of history j // DRAWS_PER_HISTORY; one entry per group.
+    kind = np.repeat(np.arange(n_workloads) // DRAWS_PER_HISTORY % len(KINDS), planner.n_group)
     return {
         "ep_size": ep,
         "redundant_per_rank": k,
         "n_workloads": n_workloads,
-        "n_groups": int(n_workloads * planner.n_group),
-        "max_over_mean": {name: float(v.mean()) for name, v in results.items()},
-        "solver": per_layout,
+        "n_groups": int(kind.size),
+        "max_over_mean": {
+            KINDS[i]: {name: float(v[kind == i].mean()) for name, v in imbalance.items()}
+            for i in range(len(KINDS))
+        },
+        "rel_err_vs_optimum": _quantiles(np.concatenate(errors)),
+        "iterations": _quantiles(np.concatenate(iterations)),
+        "failed_groups": failed,
     }
 
 
@@ -136,6 +141,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/quality_cpu.json")
     args = parser.parse_args()
+    if args.workloads < DRAWS_PER_HISTORY * len(KINDS):
+        parser.error(f"--workloads must be >= {DRAWS_PER_HISTORY * len(KINDS)} (every model)")
 
     rows = []
     for name, r2o, ep in TOPOLOGIES:
@@ -144,17 +151,29 @@ def main() -> None:
             rows.append({"topology": name, **res})
 
     columns = ["none", "reorder", "lplb", "lplb+reorder", "optimum"]
-    print(f"mean max/mean rank load per group, {args.workloads} workloads per row, E={N_LOGICAL}")
-    print("| topology | ep | k | " + " | ".join(columns) + " | rel. err max / p99 | iters max |")
-    print("|---" * (len(columns) + 5) + "|")
+    for kind in KINDS:
+        print(f"\n{kind}: mean over groups of max/mean rank load in the group")
+        print("| topology | ep | k | " + " | ".join(columns) + " |")
+        print("|---" * (len(columns) + 3) + "|")
+        for row in rows:
+            q = row["max_over_mean"][kind]
+            print(
+                f"| {row['topology']} | {row['ep_size']} | {row['redundant_per_rank']} | "
+                + " | ".join(f"{q[c]:.4f}" for c in columns)
+                + " |"
+            )
+    print("\nsolver: relative error of the max load vs HiGHS, IPM iterations (all groups)")
+    print(
+        "| topology | ep | k | LPs | err max | err p99 | err p50 | iters max | iters p99 |"
+        " iters mean | failed |"
+    )
+    print("|---" * 11 + "|")
     for row in rows:
-        q = row["max_over_mean"]
-        err = row["solver"]["reorder"]["rel_err"]
-        iters = max(s["iterations"]["max"] for s in row["solver"].values())
+        err, it = row["rel_err_vs_optimum"], row["iterations"]
         print(
             f"| {row['topology']} | {row['ep_size']} | {row['redundant_per_rank']} | "
-            + " | ".join(f"{q[c]:.4f}" for c in columns)
-            + f" | {err['max']:.1e} / {err['p99']:.1e} | {iters:.0f} |"
+            f"{2 * row['n_groups']} | {err['max']:.1e} | {err['p99']:.1e} | {err['p50']:.1e} | "
+            f"{it['max']:.0f} | {it['p99']:.0f} | {it['mean']:.1f} | {row['failed_groups']} |"
         )
 
     record = {
