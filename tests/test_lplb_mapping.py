@@ -170,3 +170,13 @@ def test_bad_arguments_raise() -> None:
         planner.weighted_select_target(idx, probs, by_sm, 3)
     with pytest.raises(ValueError, match="probs"):
         planner.weighted_select_target(idx, probs[:, :4], by_sm, 4)
+
+
+def test_check_errors_reports_and_clears_a_device_flag() -> None:
+    planner = _planner()
+    planner.count_workload(torch.zeros(4, dtype=torch.int64), 1)
+    planner.check_errors()  # nothing flagged
+    planner._error_flag(torch.device("cpu")).fill_(1)  # what a GPU kernel does on a bad index
+    with pytest.raises(ValueError, match=r"\[-1, 64\)"):
+        planner.check_errors()
+    planner.check_errors()  # cleared

@@ -184,10 +184,11 @@ def test_replicated_sets_without_tokens() -> None:
     _check_against_highs(planner, workload, probs)
 
 
+@pytest.mark.parametrize("shape", [(1,), ()])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_avail_counter_accumulates_solved_groups(dtype: torch.dtype) -> None:
+def test_avail_counter_accumulates_solved_groups(dtype: torch.dtype, shape: tuple) -> None:
     planner = _identity_planner(CUBE_8P2E, ep=64, k=2)
-    counter = torch.full((1,), 5, dtype=dtype)
+    counter = torch.full(shape, 5, dtype=dtype)
     workload = torch.from_numpy(random_workloads(np.random.default_rng(9), 1, N_LOGICAL)[0, 0])
     for _ in range(2):
         planner.solve_probs(workload, counter)
