@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <exception>
+#include <thread>
+#include <vector>
 
 #include "eplb_balanced.h"
 #include "eplb_deepseek.h"
@@ -18,30 +21,61 @@ T* address(uintptr_t ptr) {
   return reinterpret_cast<T*>(ptr);
 }
 
+// Runs body(begin, end) on contiguous chunks of the layers [0, num_layers), one chunk per
+// hardware thread (at most 8) when there is enough work to pay for starting threads.
+template <typename Body>
+void for_layer_chunks(int64_t num_layers, int64_t slots_per_layer, const Body& body) {
+  constexpr int64_t kSlotsPerThread = 2048;
+  const int64_t hardware = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t threads = std::max<int64_t>(
+      1, std::min({hardware, int64_t{8}, num_layers, num_layers * slots_per_layer / kSlotsPerThread}));
+  std::vector<std::exception_ptr> errors(threads);
+  auto run = [&](int64_t k) {
+    try {
+      body(num_layers * k / threads, num_layers * (k + 1) / threads);
+    } catch (...) {
+      errors[k] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int64_t k = 1; k < threads; ++k) pool.emplace_back(run, k);
+  run(0);
+  for (std::thread& t : pool) t.join();
+  for (const std::exception_ptr& error : errors) {
+    if (error) std::rethrow_exception(error);
+  }
+}
+
 void deepseek(uintptr_t weight, uintptr_t group_load, int64_t num_layers,
               const eplb::Shape& shape, uintptr_t phy2log, uintptr_t phyrank, uintptr_t logcnt) {
   py::gil_scoped_release release;
   const int64_t E = shape.num_experts, R = shape.num_replicas;
-  eplb::DeepseekWorkspace ws;
-  for (int64_t l = 0; l < num_layers; ++l) {
-    eplb::deepseek_layer(address<const float>(weight) + l * E,
-                         address<const float>(group_load) + l * shape.num_groups, shape,
-                         address<int64_t>(phy2log) + l * R, address<int64_t>(phyrank) + l * R,
-                         address<int64_t>(logcnt) + l * E, ws);
-  }
+  for_layer_chunks(num_layers, R, [&](int64_t begin, int64_t end) {
+    eplb::DeepseekWorkspace ws;
+    for (int64_t l = begin; l < end; ++l) {
+      eplb::deepseek_layer(address<const float>(weight) + l * E,
+                           address<const float>(group_load) + l * shape.num_groups, shape,
+                           address<int64_t>(phy2log) + l * R, address<int64_t>(phyrank) + l * R,
+                           address<int64_t>(logcnt) + l * E, ws);
+    }
+  });
 }
 
 void balanced(uintptr_t weight, int64_t num_layers, const eplb::Shape& shape, uintptr_t deepseek,
               uintptr_t old, uintptr_t phy2log, uintptr_t num_changed) {
   py::gil_scoped_release release;
   const int64_t E = shape.num_experts, R = shape.num_replicas;
-  eplb::BalancedWorkspace ws;
-  for (int64_t l = 0; l < num_layers; ++l) {
-    const int64_t changed = eplb::balanced_layer(
-        address<const double>(weight) + l * E, shape, address<const int64_t>(deepseek) + l * R,
-        old ? address<const int64_t>(old) + l * R : nullptr, address<int64_t>(phy2log) + l * R, ws);
-    if (num_changed) address<int64_t>(num_changed)[l] = changed;
-  }
+  // The local search costs far more per slot than the DeepSeek algorithm.
+  for_layer_chunks(num_layers, 16 * R, [&](int64_t begin, int64_t end) {
+    eplb::BalancedWorkspace ws;
+    for (int64_t l = begin; l < end; ++l) {
+      const int64_t changed = eplb::balanced_layer(
+          address<const double>(weight) + l * E, shape, address<const int64_t>(deepseek) + l * R,
+          old ? address<const int64_t>(old) + l * R : nullptr, address<int64_t>(phy2log) + l * R,
+          ws);
+      if (num_changed) address<int64_t>(num_changed)[l] = changed;
+    }
+  });
 }
 
 // log2phy[l, e, r] = the slot holding copy r of expert e; -1 where there is none. Inputs are

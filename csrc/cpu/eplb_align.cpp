@@ -57,8 +57,79 @@ std::vector<int> max_weight_assignment(const std::vector<int64_t>& weight, int n
   return assigned;
 }
 
-int64_t align_to_old(const int64_t* placement, const int64_t* old, const Shape& shape,
-                     int64_t* out) {
+namespace {
+
+// Swaps pairs of copies between GPUs of one node when that puts back more experts into their
+// old slots than it takes out, and no GPU gets heavier than the heaviest one is now (copy counts,
+// hence the mean load, do not change). Returns the slots of `out` that still differ from `old`.
+int64_t restore_old_slots(const int64_t* old, const double* weight, const Shape& shape,
+                          int64_t* out) {
+  const int64_t E = shape.num_experts, R = shape.num_replicas;
+  const int G = static_cast<int>(shape.num_gpus);
+  const int S = static_cast<int>(R / G);
+  const int Gn = G / static_cast<int>(shape.num_nodes);
+  std::vector<int64_t> count(E, 0);
+  for (int64_t p = 0; p < R; ++p) count[out[p]] += 1;
+  std::vector<double> q(E), load(G, 0.0);
+  for (int64_t e = 0; e < E; ++e) q[e] = count[e] ? weight[e] / count[e] : 0.0;
+  std::vector<char> has(static_cast<std::size_t>(G) * E, 0);
+  auto gpu_load = [&](int g) {
+    double sum = 0.0;
+    for (int s = 0; s < S; ++s) sum += q[out[static_cast<int64_t>(g) * S + s]];
+    return sum;
+  };
+  for (int g = 0; g < G; ++g) {
+    load[g] = gpu_load(g);
+    for (int s = 0; s < S; ++s) has[static_cast<std::size_t>(g) * E + out[g * S + s]] = 1;
+  }
+  const double heaviest = *std::max_element(load.begin(), load.end());
+  // A GPU may end at most at its own load or clearly below the heaviest (rounding must not make
+  // a balance metric a last bit worse).
+  const double cap = heaviest * (1.0 - 1e-12);
+  auto fits = [&](int g, double before) { return load[g] <= before || load[g] <= cap; };
+
+  for (bool improved = true; improved;) {
+    improved = false;
+    for (int64_t p = 0; p < R; ++p) {
+      const int64_t y = old[p], x = out[p];
+      const int a = static_cast<int>(p / S);
+      if (y < 0 || x == y || has[static_cast<std::size_t>(a) * E + y]) continue;
+      for (int b = a - a % Gn; b < a - a % Gn + Gn; ++b) {
+        if (b == a || !has[static_cast<std::size_t>(b) * E + y] ||
+            has[static_cast<std::size_t>(b) * E + x]) {
+          continue;
+        }
+        int64_t r = static_cast<int64_t>(b) * S;
+        while (out[r] != y) ++r;
+        if (old[r] == y) continue;  // would only move the loss to slot r
+        const double before_a = load[a], before_b = load[b];
+        std::swap(out[p], out[r]);
+        load[a] = gpu_load(a);
+        load[b] = gpu_load(b);
+        if (!fits(a, before_a) || !fits(b, before_b)) {
+          std::swap(out[p], out[r]);
+          load[a] = before_a;
+          load[b] = before_b;
+          continue;
+        }
+        has[static_cast<std::size_t>(a) * E + x] = 0;
+        has[static_cast<std::size_t>(a) * E + y] = 1;
+        has[static_cast<std::size_t>(b) * E + y] = 0;
+        has[static_cast<std::size_t>(b) * E + x] = 1;
+        improved = true;
+        break;
+      }
+    }
+  }
+  int64_t changed = 0;
+  for (int64_t p = 0; p < R; ++p) changed += out[p] != old[p];
+  return changed;
+}
+
+}  // namespace
+
+int64_t align_to_old(const int64_t* placement, const int64_t* old, const double* weight,
+                     const Shape& shape, int64_t* out) {
   const int64_t E = shape.num_experts, R = shape.num_replicas;
   const int G = static_cast<int>(shape.num_gpus);
   const int N = static_cast<int>(shape.num_nodes);
@@ -115,7 +186,6 @@ int64_t align_to_old(const int64_t* placement, const int64_t* old, const Shape& 
   }
 
   // Inside each GPU, experts the old GPU also held keep their old slot.
-  int64_t changed = 0;
   std::vector<char> placed(S);
   for (int a = 0; a < G; ++a) {
     const int64_t* mine = placement + static_cast<int64_t>(a) * S;
@@ -138,10 +208,9 @@ int64_t align_to_old(const int64_t* placement, const int64_t* old, const Shape& 
       while (placed[k]) ++k;
       dst[s] = mine[k];
       placed[k] = 1;
-      changed += 1;
     }
   }
-  return changed;
+  return restore_old_slots(old, weight, shape, out);
 }
 
 }  // namespace eplb

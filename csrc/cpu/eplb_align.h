@@ -14,11 +14,14 @@ namespace eplb {
 // Hungarian algorithm with potentials, O(n^3); integer weights keep it exact.
 std::vector<int> max_weight_assignment(const std::vector<int64_t>& weight, int n);
 
-// placement, old: [R] logical ids of one layer (old may hold -1 and repeats). Writes to `out` the
-// placement with its GPUs permuted (within nodes, nodes as units) and slots reordered to match
-// `old` as far as possible, and returns how many slots of `out` differ from `old`. `placement`
-// must be duplicate-free and respect the node layout of `shape`; per-GPU loads are unchanged.
-int64_t align_to_old(const int64_t* placement, const int64_t* old, const Shape& shape,
-                     int64_t* out);
+// placement, old: [R] logical ids of one layer (old may hold -1 and repeats); weight: [E] loads.
+// Writes to `out` the placement with its GPUs permuted (within nodes, nodes as units) to keep the
+// most experts on their old GPU, slots reordered so that those keep their old slot, and then
+// copies swapped between GPUs of a node where that restores more old slots without making any
+// GPU heavier than the heaviest one. Returns how many slots of `out` differ from `old`.
+// `placement` must be duplicate-free and respect the node layout of `shape`. Copy counts do not
+// change, and the heaviest GPU load does not grow.
+int64_t align_to_old(const int64_t* placement, const int64_t* old, const double* weight,
+                     const Shape& shape, int64_t* out);
 
 }  // namespace eplb

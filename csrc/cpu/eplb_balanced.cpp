@@ -8,6 +8,10 @@
 namespace eplb {
 namespace {
 
+// Random restarts of the local search for a node that misses its target; bounded so that a
+// layer never costs more than a few milliseconds.
+constexpr int kPerturbRounds = 200;
+
 // Heaviest GPU of a placement, a copy of e carrying weight[e] / (copies of e).
 double max_gpu_load(const double* weight, const int64_t* phy2log, const Shape& shape,
                     std::vector<int64_t>& count) {
@@ -21,6 +25,16 @@ double max_gpu_load(const double* weight, const int64_t* phy2log, const Shape& s
     heaviest = std::max(heaviest, load);
   }
   return heaviest;
+}
+
+// Every slot used and every expert placed.
+bool is_complete(const int64_t* phy2log, const Shape& shape, std::vector<int64_t>& count) {
+  count.assign(shape.num_experts, 0);
+  for (int64_t p = 0; p < shape.num_replicas; ++p) {
+    if (phy2log[p] < 0) return false;
+    count[phy2log[p]] += 1;
+  }
+  return std::find(count.begin(), count.end(), 0) == count.end();
 }
 
 bool has_duplicate(const int64_t* phy2log, const Shape& shape) {
@@ -61,11 +75,13 @@ bool read_node_layout(const int64_t* phy2log, const Shape& shape, BalancedWorksp
   return true;
 }
 
-// Places every node of the layout in ws, starting from `start` ([R], -1 = empty) and, when
-// `from_scratch`, also from empty GPUs; keeps the lighter result per node. Writes the placement
-// to `out` ([R]) and returns its heaviest GPU load.
+// Places every node of the layout in ws, keeping per node the lightest of several local-search
+// runs: from `start` ([R], -1 = empty) with its copy counts; from `start` with one copy less for
+// every repeat on a GPU (merging the repeat instead of moving it); and, when `from_scratch`, from
+// empty GPUs with greedy counts. Writes the placement to `out` ([R]); returns its heaviest load.
 double solve_nodes(const double* weight, const Shape& shape, const int64_t* start,
-                   bool from_scratch, std::vector<int64_t>& out, BalancedWorkspace& ws) {
+                   bool from_scratch, double target, std::vector<int64_t>& out,
+                   BalancedWorkspace& ws) {
   const int N = static_cast<int>(shape.num_nodes);
   const int n = static_cast<int>(shape.num_experts / N);
   const int G = static_cast<int>(shape.num_gpus / N);
@@ -75,33 +91,51 @@ double solve_nodes(const double* weight, const Shape& shape, const int64_t* star
   out.resize(shape.num_replicas);
   ws.node_weight.resize(n);
   ws.start.resize(phy_per_node);
-  ws.local_count.resize(n);
+  ws.copies.resize(n);
+  ws.holders.resize(n);
+  ws.last_gpu.resize(n);
+  ws.empty.assign(phy_per_node, -1);
   double heaviest = 0.0;
   for (int node = 0; node < N; ++node) {
     const int64_t* experts = ws.node_experts.data() + static_cast<int64_t>(node) * n;
     for (int i = 0; i < n; ++i) ws.node_weight[i] = weight[experts[i]];
-    std::fill(ws.local_count.begin(), ws.local_count.end(), 0);
+    std::fill(ws.copies.begin(), ws.copies.end(), 0);
+    std::fill(ws.holders.begin(), ws.holders.end(), 0);
+    std::fill(ws.last_gpu.begin(), ws.last_gpu.end(), -1);
     for (int k = 0; k < phy_per_node; ++k) {
       const int64_t e = start[static_cast<int64_t>(node) * phy_per_node + k];
-      ws.start[k] = e < 0 ? -1 : ws.local_of[e];
-      if (e >= 0) ws.local_count[ws.start[k]] += 1;
+      const int i = e < 0 ? -1 : ws.local_of[e];
+      ws.start[k] = i;
+      if (i < 0) continue;
+      ws.copies[i] += 1;
+      if (ws.last_gpu[i] != k / S) ws.holders[i] += 1;  // a GPU's slots are contiguous
+      ws.last_gpu[i] = k / S;
     }
     placement.reset(ws.node_weight.data(), n, G, S);
-    placement.build(ws.start.data(), ws.local_count.data());
-    placement.improve();
-    double best = placement.max_load();
-    std::vector<int> best_slots = placement.slots();
-    if (from_scratch) {
-      std::fill(ws.start.begin(), ws.start.end(), -1);
-      placement.build(ws.start.data(), nullptr);
+    double best = 0.0;
+    bool have = false;
+    auto run = [&](const int* slots, const int* counts, bool light = false) {
+      placement.build(slots, counts, light);
       placement.improve();
+      if (!have || placement.max_load() < best) {
+        best = placement.max_load();
+        ws.best_slots = placement.slots();
+        have = true;
+      }
+    };
+    run(ws.start.data(), ws.copies.data());
+    if (ws.holders != ws.copies) run(ws.start.data(), ws.holders.data(), true);
+    if (from_scratch && ws.holders != ws.copies) run(ws.empty.data(), nullptr);
+    if (best > target) {
+      placement.restore_from(ws.best_slots);
+      placement.perturb(target, kPerturbRounds, 0x5eed + node);
       if (placement.max_load() < best) {
         best = placement.max_load();
-        best_slots = placement.slots();
+        ws.best_slots = placement.slots();
       }
     }
     for (int k = 0; k < phy_per_node; ++k) {
-      out[static_cast<int64_t>(node) * phy_per_node + k] = experts[best_slots[k]];
+      out[static_cast<int64_t>(node) * phy_per_node + k] = experts[ws.best_slots[k]];
     }
     heaviest = std::max(heaviest, best);
   }
@@ -116,10 +150,10 @@ int64_t balanced_layer(const double* weight, const Shape& shape, const int64_t* 
   const bool layout_ok = read_node_layout(deepseek, shape, ws);
   assert(layout_ok);
   (void)layout_ok;
-  double best = solve_nodes(weight, shape, deepseek, /*from_scratch=*/true, ws.fresh, ws);
+  const double reference = max_gpu_load(weight, deepseek, shape, ws.count);
+  double best = solve_nodes(weight, shape, deepseek, /*from_scratch=*/true, reference, ws.fresh, ws);
   // Where DeepSeek's own placement is duplicate-free and ours is not clearly better, keep it:
   // then even the last bit of every balance metric is the reference's.
-  const double reference = max_gpu_load(weight, deepseek, shape, ws.count);
   if (!has_duplicate(deepseek, shape) && !(best < reference * (1.0 - 1e-12))) {
     ws.fresh.assign(deepseek, deepseek + R);
     best = reference;
@@ -128,13 +162,29 @@ int64_t balanced_layer(const double* weight, const Shape& shape, const int64_t* 
     std::copy(ws.fresh.begin(), ws.fresh.end(), phy2log);
     return 0;
   }
-  // A placement grown from the old one moves fewer experts; take it if it balances as well.
-  const std::vector<int64_t>* chosen = &ws.fresh;
-  if (read_node_layout(old, shape, ws) &&
-      solve_nodes(weight, shape, old, /*from_scratch=*/false, ws.near, ws) <= best) {
-    chosen = &ws.near;
+  // A placement grown from the old one moves fewer experts; it competes if it balances as well.
+  // As with DeepSeek's placement, an old placement that the search cannot clearly improve is
+  // kept as it is. Of the candidates, the one that changes fewer slots wins.
+  int64_t changed = align_to_old(ws.fresh.data(), old, weight, shape, phy2log);
+  if (read_node_layout(old, shape, ws)) {
+    double near = solve_nodes(weight, shape, old, /*from_scratch=*/false, best, ws.near, ws);
+    if (is_complete(old, shape, ws.count) && !has_duplicate(old, shape)) {
+      const double as_is = max_gpu_load(weight, old, shape, ws.count);
+      if (!(near < as_is * (1.0 - 1e-12))) {
+        ws.near.assign(old, old + R);
+        near = as_is;
+      }
+    }
+    if (near <= best) {
+      ws.aligned.resize(R);
+      const int64_t near_changed = align_to_old(ws.near.data(), old, weight, shape, ws.aligned.data());
+      if (near_changed <= changed) {
+        std::copy(ws.aligned.begin(), ws.aligned.end(), phy2log);
+        changed = near_changed;
+      }
+    }
   }
-  return align_to_old(chosen->data(), old, shape, phy2log);
+  return changed;
 }
 
 }  // namespace eplb

@@ -12,8 +12,8 @@ namespace eplb {
 
 struct BalancedWorkspace {
   NodePlacement placement;
-  std::vector<int64_t> node_experts, fresh, near, count;
-  std::vector<int> local_of, start, local_count;
+  std::vector<int64_t> node_experts, fresh, near, aligned, count;
+  std::vector<int> local_of, start, copies, holders, last_gpu, empty, best_slots;
   std::vector<double> node_weight;
 };
 

@@ -19,11 +19,16 @@ class NodePlacement {
   // and target copy counts `counts` ([n]; nullptr = greedy largest-load-per-copy replication).
   // Counts are clamped to [1, G] and brought to G*S total; kept copies stay where they are and
   // the missing ones are placed heaviest first on the lightest GPU that may take them.
-  void build(const int* slots, const int* counts);
+  void build(const int* slots, const int* counts, bool light = false);
 
   // Local search: moves that take load off the heaviest GPU (swaps between GPUs, moving a copy
   // from one expert to another) until none strictly lowers it. Never creates duplicates.
   void improve();
+
+  // Iterated local search from the current placement: up to `rounds` times, a few random moves
+  // and improve(); a result is kept when lighter than the best so far. Stops early once the
+  // heaviest GPU is at most `target`. Deterministic for a given seed.
+  void perturb(double target, int rounds, uint64_t seed);
 
   double max_load() const;
   // [G*S] local expert ids, GPU-major.
@@ -45,15 +50,22 @@ class NodePlacement {
   int& at(int g, int s) { return slot_[static_cast<std::size_t>(g) * S_ + s]; }
   int at(int g, int s) const { return slot_[static_cast<std::size_t>(g) * S_ + s]; }
 
-  void set_counts(const int* counts);
+  void set_counts(const int* counts, bool light);
   double gpu_load(int g) const;
   void drop_excess_copies(std::vector<int>& kept);
   void fill_missing(const std::vector<int>& kept);
   int make_room(int e, std::vector<int>& room);
-  void holder_maxima();
-  double holder_max_except(int e, int g) const;
-  bool best_move(int g, Move& move) const;
+  void index_holders();
+  double holders_after(int e, int skip, double delta, int other, double other_delta) const;
+  bool best_move(int g, Move& move);
   void apply(const Move& move);
+  bool random_move(uint64_t& rng);
+  void restore(const std::vector<int>& slots);
+
+ public:
+  void restore_from(const std::vector<int>& slots) { restore(slots); }
+
+ private:
   bool apply_if_below(const Move& move, double bound);
 
   const double* w_ = nullptr;
@@ -61,10 +73,9 @@ class NodePlacement {
   std::vector<int> slot_, cnt_;
   std::vector<double> q_, load_;  // per-copy load w/cnt; per-GPU load
   std::vector<unsigned char> has_;
-  // Per expert: the two largest loads among GPUs holding it, and the GPU of the largest.
-  std::vector<double> top1_, top2_;
-  std::vector<int> top1_gpu_;
-  std::vector<int> touched_;
+  // GPUs holding each expert: holder_[holder_start_[e] .. holder_start_[e + 1]).
+  std::vector<int> holder_start_, holder_, fill_;
+  std::vector<int> touched_, by_load_;
 };
 
 }  // namespace eplb
