@@ -26,6 +26,8 @@ def _prefix_by_definition(idx: torch.Tensor, n_logical: int, n_sms: int) -> torc
 
 def _random_idx(gen: torch.Generator, shape: tuple, n_logical: int, dtype: torch.dtype):
     """Skewed expert indices with about 5 % of -1 entries, on the CPU."""
+    if int(np.prod(shape)) == 0:
+        return torch.empty(shape, dtype=dtype)
     weights = torch.rand(n_logical, generator=gen) ** 4
     idx = torch.multinomial(weights, int(np.prod(shape)), replacement=True, generator=gen)
     idx[torch.rand(idx.shape, generator=gen) < 0.05] = -1

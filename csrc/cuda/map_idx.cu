@@ -13,7 +13,7 @@
 namespace lplb {
 namespace {
 
-constexpr int kMaxMapWarps = 16;
+constexpr int kMaxMapWarps = 32;
 constexpr int kMapSmemBudget = 48 * 1024;  // default dynamic shared-memory limit, no opt-in
 constexpr int kMapUnroll = 4;              // batches of 32 tokens loaded before use
 

@@ -5,8 +5,15 @@
 // variables x[r, d] with their bound slacks and duals, and row r of the G x G normal matrix K.
 // The scalar t and its dual live redundantly in every lane. Couplings between ranks are warp
 // shuffles along r2o / o2r; sums and maxima are xor butterflies, whose results are bitwise equal
-// in every lane, so all lanes take the same branches. Nothing touches global memory inside the
-// iteration; the only shared memory is the Cholesky factor, read by the triangular solves.
+// in every lane, so all lanes take the same branches.
+//
+// One warp runs the whole solve, so its time is its instruction count times the latency it
+// cannot hide. Hence: K is inverted explicitly by Gauss-Jordan (same pivots as Cholesky; each
+// step one shared-memory broadcast of the pivot row and one FMA per entry), so both Newton solves
+// of an iteration are matrix-vector products; reciprocals use the hardware approximation plus
+// Newton steps instead of IEEE division; step lengths are maxima of products with those
+// reciprocals. With the slack directions taken from the linear rows (docs/lp.md, step 5) the
+// explicit inverse is as accurate as the factorisation for these systems.
 #include <cmath>
 
 #include "common.cuh"
@@ -34,15 +41,28 @@ __device__ __forceinline__ double load_workload(const void* p, WorkloadType type
   }
 }
 
+// 1 / v for positive normal v to about one ulp: hardware approximation refined by two Newton
+// steps, without the special-case branches of IEEE division. A zero or non-finite v gives a
+// non-finite result, which the iteration treats as failure.
+__device__ __forceinline__ double fast_rcp(double v) {
+  double r;
+  asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(r) : "d"(v));
+  double e = fma(-v, r, 1.0);
+  r = fma(r, e, r);
+  e = fma(-v, r, 1.0);
+  return fma(r, e, r);
+}
+
 __device__ __forceinline__ double warp_max(double v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
 }
 
-// Largest step a >= 0 with v + a * dv >= 0 (infinite when dv >= 0).
-__device__ __forceinline__ double max_step(double v, double dv) {
-  return dv < 0.0 ? -v / dv : INFINITY;
+// Step length towards the boundary: with q = max over entries of -dv / v (0 when no entry
+// decreases), the largest feasible step is 1 / q; returns min(1, fraction / q).
+__device__ __forceinline__ double step_length(double q, double fraction) {
+  return q * 1.0 > fraction ? fraction * fast_rcp(q) : 1.0;
 }
 
 // (B v)[r] = -sum_d W[r, d] v[r, d] + sum_d W[r2o[r, d], d] v[r2o[r, d], d].
@@ -66,76 +86,93 @@ __device__ __forceinline__ void apply_bt(const double (&w)[D], double y, const i
   for (int d = 0; d < D; ++d) out[d] = w[d] * (__shfl_sync(kFullMask, y, o2r[d]) - y);
 }
 
-// Cholesky factor K = L L^T of the padded GP x GP normal matrix. Row i of `l` holds row i of L
-// left of the diagonal and column i of L right of it, so both triangular solves read one entry
-// per step at l[i][k]; the diagonal is kept as its inverse.
+// Shared memory of one group. `k` holds the normal matrix while it is assembled; the pivot row
+// buffers alternate between Gauss-Jordan steps so one __syncwarp per step suffices.
 template <int GP>
-struct Factor {
-  double l[GP][GP + 1];  // +1 pad: lanes storing their rows hit distinct banks
-  double inv_diag[GP];
+struct __align__(16) Workspace {
+  double k[GP][GP];
+  double pivot[2][GP];
+  double vec[GP];     // right-hand side of the current solve
+  double colsum[GP];  // column sums of K^-1: the sum of a solution without a reduction
 };
 
-// Lane i holds row i of K in `row` (rows >= G are identity padding). Right-looking factorisation
-// with shuffles; returns false (in every lane) on a non-positive or non-finite pivot.
+// Copies 16-byte pairs of a shared row into registers (the pivot row and vectors are broadcast:
+// every lane reads the same address).
 template <int GP>
-__device__ __forceinline__ bool cholesky(double (&row)[GP], Factor<GP>& f, int lane) {
+__device__ __forceinline__ void load_row(const double* src, double (&dst)[GP]) {
+#pragma unroll
+  for (int j = 0; j < GP; j += 2) {
+    const double2 v = reinterpret_cast<const double2*>(src)[j / 2];
+    dst[j] = v.x;
+    dst[j + 1] = v.y;
+  }
+}
+
+template <int GP>
+__device__ __forceinline__ void store_row(double* dst, const double (&src)[GP]) {
+#pragma unroll
+  for (int j = 0; j < GP; j += 2) {
+    reinterpret_cast<double2*>(dst)[j / 2] = make_double2(src[j], src[j + 1]);
+  }
+}
+
+// In-place Gauss-Jordan inversion of the padded GP x GP matrix, lane i holding row i in `row`.
+// No pivoting: K is symmetric positive definite, and its pivots are those of Cholesky, so a
+// non-positive or non-finite pivot is the factorisation failure of docs/lp.md (returned in every
+// lane). On success `ws.colsum` holds the column sums of the inverse.
+template <int GP>
+__device__ __forceinline__ bool invert(double (&row)[GP], Workspace<GP>& ws, int lane) {
 #pragma unroll
   for (int k = 0; k < GP; ++k) {
-    const double pivot = __shfl_sync(kFullMask, row[k], k);
-    if (!(pivot > 0.0) || !isfinite(pivot)) return false;
-    const double inv = rsqrt(pivot);
-    const double lk = row[k] * inv;  // L[lane, k] for lanes below the pivot
-    if (lane > k) row[k] = lk;
-    if (lane == k) row[k] = pivot * inv;
+    double* pivot_row = ws.pivot[k % 2];
+    if (lane == k) store_row(pivot_row, row);
+    __syncwarp();
+    double rk[GP];
+    load_row(pivot_row, rk);
+    const double p = rk[k];
+    if (!(p > 0.0) || !isfinite(p)) return false;
+    const double ip = fast_rcp(p);
+    const bool is_pivot = lane == k;
+    // Other rows: row -= (row[k] / p) * pivot row; the pivot row: row *= 1 / p (its
+    // coefficient ip - 1 against itself). Column k becomes -row[k] / p, the pivot 1 / p.
+    const double f = is_pivot ? 1.0 : row[k] * ip;
+    const double c = (is_pivot ? ip : 0.0) - f;
 #pragma unroll
-    for (int j = k + 1; j < GP; ++j) {
-      const double ljk = __shfl_sync(kFullMask, lk, j);
-      if (lane > k) {
-        row[j] = fma(-lk, ljk, row[j]);
-      } else if (lane == k) {
-        row[j] = ljk;  // the pivot lane keeps column k of L
-      }
+    for (int j = 0; j < GP; ++j) {
+      if (j != k) row[j] = fma(c, rk[j], row[j]);
     }
-    if (lane == 0) f.inv_diag[k] = inv;
+    row[k] = is_pivot ? ip : -f;
   }
-  __syncwarp();  // the previous solves have finished reading f.l
-  if (lane < GP) {
+  // K^-1 is symmetric, so the column sums are the row sums.
+  double sum = 0.0;
 #pragma unroll
-    for (int j = 0; j < GP; ++j) f.l[lane][j] = row[j];
-  }
+  for (int j = 0; j < GP; ++j) sum += row[j];
+  if (lane < GP) ws.colsum[lane] = sum;
   __syncwarp();
   return true;
 }
 
-// Solves K v = rhs with the factor; every lane solves the whole (small) system redundantly from
-// shared memory, which avoids a shuffle on each step of the two substitution chains. Returns
-// this lane's entry; `total` gets the sum of all entries.
+// v = K^-1 rhs for this lane's row; `total` gets sum(v) from the column sums.
 template <int GP>
-__device__ __forceinline__ double cholesky_solve(const Factor<GP>& f, double rhs, int lane,
-                                                 double& total) {
-  double b[GP];
+__device__ __forceinline__ double solve_inverse(const double (&inv)[GP], Workspace<GP>& ws,
+                                                double rhs, int lane, double& total) {
+  if (lane < GP) ws.vec[lane] = rhs;
+  __syncwarp();
+  double b[GP], u[GP];
+  load_row(ws.vec, b);
+  load_row(ws.colsum, u);
+  __syncwarp();  // every lane has read ws.vec before the next solve overwrites it
+  // Two partial sums each, for instruction-level parallelism.
+  double v0 = 0.0, v1 = 0.0, t0 = 0.0, t1 = 0.0;
 #pragma unroll
-  for (int j = 0; j < GP; ++j) b[j] = __shfl_sync(kFullMask, rhs, j);
-#pragma unroll
-  for (int k = 0; k < GP; ++k) {
-    b[k] *= f.inv_diag[k];
-#pragma unroll
-    for (int i = k + 1; i < GP; ++i) b[i] = fma(-f.l[i][k], b[k], b[i]);
+  for (int j = 0; j < GP; j += 2) {
+    v0 = fma(inv[j], b[j], v0);
+    v1 = fma(inv[j + 1], b[j + 1], v1);
+    t0 = fma(u[j], b[j], t0);
+    t1 = fma(u[j + 1], b[j + 1], t1);
   }
-#pragma unroll
-  for (int k = GP - 1; k >= 0; --k) {
-    b[k] *= f.inv_diag[k];
-#pragma unroll
-    for (int i = 0; i < k; ++i) b[i] = fma(-f.l[i][k], b[k], b[i]);
-  }
-  double mine = 0.0;
-  total = 0.0;
-#pragma unroll
-  for (int j = 0; j < GP; ++j) {
-    total += b[j];
-    if (j == lane) mine = b[j];
-  }
-  return mine;
+  total = t0 + t1;
+  return v0 + v1;
 }
 
 // One Newton direction of a lane: primal (x, w, t, s) and dual (y, zeta_x, nu, zeta_t, zeta_s).
@@ -147,7 +184,7 @@ struct Direction {
 
 template <int GP, int D>
 __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
-  __shared__ Factor<GP> factor;
+  __shared__ Workspace<GP> ws;
   const int G = a.group_size;
   const int lane = threadIdx.x;
   const bool act = lane < G;
@@ -162,17 +199,20 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     W[d] = 0.0;
   }
   if (act) {
-    const std::int64_t base =
-        (static_cast<std::int64_t>(blockIdx.x) * G + lane) * a.n_local_routed;
+    const std::int32_t* slots =
+        a.phy2log + (static_cast<std::int64_t>(blockIdx.x) * G + lane) * a.n_local_routed;
     // phy2log entries outside [0, n_logical) carry no load (never an out-of-bounds read).
     auto load = [&](int j) {
-      const int e = a.phy2log[base + j];
+      const int e = slots[j];
       return e >= 0 && e < a.n_logical ? load_workload(a.workload, a.workload_type, e) : 0.0;
     };
+    // Unrolled so that the loads of several slots are in flight at once.
+#pragma unroll 4
     for (int c = 0; c < a.n_combined; ++c) {
 #pragma unroll
       for (int d = 0; d < D; ++d) W[d] += load(c * D + d);
     }
+#pragma unroll 8
     for (int j = a.n_combined * D; j < a.n_local_logical; ++j) F += load(j);
   }
   double total = F;
@@ -208,7 +248,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
   for (int d = 0; d < D; ++d) c += __shfl_sync(kFullMask, W[d], r2o[d]);
 
   const int n = G * D;
-  const double n_compl = static_cast<double>(2 * n + 1 + G);  // complementarity pairs
+  const double inv_n_compl = 1.0 / static_cast<double>(2 * n + 1 + G);  // complementarity pairs
   double x[D], w[D], zx[D], nu[D];
 #pragma unroll
   for (int d = 0; d < D; ++d) {
@@ -238,7 +278,8 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     }
     const double rds = y - zs;
 
-    double ix[D], iw[D], thx[D], ka[D], kb[D];
+    // Reciprocals of every primal and dual entry, shared by both directions and step lengths.
+    double ix[D], iw[D], izx[D], inu[D], thx[D], ka[D], kb[D];
     double res = fmax(fabs(rp), fabs(rds));
     double comp = s * zs;
     double diag_sum = 0.0;
@@ -246,17 +287,21 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     for (int d = 0; d < D; ++d) {
       res = fmax(res, fmax(fabs(ru[d]), fabs(rdx[d])));
       comp += x[d] * zx[d] + w[d] * nu[d];
-      ix[d] = 1.0 / x[d];
-      iw[d] = 1.0 / w[d];
-      thx[d] = 1.0 / (zx[d] * ix[d] + nu[d] * iw[d]);
+      ix[d] = fast_rcp(x[d]);
+      iw[d] = fast_rcp(w[d]);
+      izx[d] = fast_rcp(zx[d]);
+      inu[d] = fast_rcp(nu[d]);
+      thx[d] = fast_rcp(zx[d] * ix[d] + nu[d] * iw[d]);
       ka[d] = thx[d] * W[d] * W[d];  // weight of column (r, d) of B
       kb[d] = __shfl_sync(kFullMask, ka[d], r2o[d]);  // weight of column (r2o[r, d], d)
       diag_sum += ka[d] + kb[d];
     }
-    const double ths = s / zs;
-    const double tht = t / zt;
-    const double is = 1.0 / s;
-    const double itt = 1.0 / t;
+    const double is = fast_rcp(s);
+    const double itt = fast_rcp(t);
+    const double izs = fast_rcp(zs);
+    const double izt = fast_rcp(zt);
+    const double ths = s * izs;
+    const double tht = t * izt;
     double kdiag = tht + ths + diag_sum;
     double ysum = y;
     if (!act) {
@@ -278,28 +323,32 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     const double rdt = 1.0 - ysum - zt;
     comp += t * zt;
     res = fmax(res, fabs(rdt));
-    const double mu = comp / n_compl;
-    if (res <= kTol && comp / (1.0 + fabs(t)) <= kTol) {
+    const double mu = comp * inv_n_compl;
+    if (res <= kTol && comp <= kTol * (1.0 + fabs(t))) {
       converged = true;
       break;
     }
     if (iter == kMaxIters) break;
 
-    // Row `lane` of K = B diag(theta_x) B^T + theta_t 1 1^T + diag(theta_s) + reg I.
+    // Row `lane` of K = B diag(theta_x) B^T + theta_t 1 1^T + diag(theta_s) + reg I, assembled
+    // in shared memory (the off-diagonal columns come from r2o / o2r at run time), then
+    // inverted in registers. Padding rows G..GP-1 are identity.
     double row[GP];
-    const double reg = kRegularisation * kdiag;
 #pragma unroll
-    for (int k = 0; k < GP; ++k) {
-      double v = act && k < G ? tht : 0.0;
+    for (int j = 0; j < GP; ++j) row[j] = act && j < G ? tht : (j == lane ? 1.0 : 0.0);
+    if (lane < GP) {
+      store_row(ws.k[lane], row);
+      if (act) {
+        ws.k[lane][lane] += ths + diag_sum + kRegularisation * kdiag;
 #pragma unroll
-      for (int d = 0; d < D; ++d) {
-        if (o2r[d] == k) v -= ka[d];
-        if (r2o[d] == k) v -= kb[d];
+        for (int d = 0; d < D; ++d) {
+          ws.k[lane][o2r[d]] -= ka[d];
+          ws.k[lane][r2o[d]] -= kb[d];
+        }
       }
-      if (k == lane) v += act ? ths + diag_sum + reg : 1.0;
-      row[k] = v;
+      load_row(ws.k[lane], row);
     }
-    if (!cholesky(row, factor, lane)) break;
+    if (!invert(row, ws, lane)) break;
 
     auto direction = [&](const double(&rzx)[D], double rzt, double rzs, const double(&rwn)[D],
                          Direction<D>& dd) {
@@ -314,7 +363,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
       double rhs = rp + apply_b(W, vx, r2o) + tht * ht - ths * hs;
       if (!act) rhs = 0.0;  // padding rows of K are identity: their entries of dy stay 0
       double sum_dy;
-      dd.y = cholesky_solve(factor, rhs, lane, sum_dy);
+      dd.y = solve_inverse(row, ws, rhs, lane, sum_dy);
       double mty[D];
       apply_bt(W, dd.y, o2r, mty);
 #pragma unroll
@@ -331,17 +380,18 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
       dd.s = apply_b(W, dd.x, r2o) + dd.t - rp;
       dd.zs = rds + dd.y;
     };
-    // Largest primal / dual steps of this lane's entries (t and zeta_t are added by the caller).
-    auto lane_steps = [&](const Direction<D>& dd, double& p, double& q) {
-      p = INFINITY;
-      q = INFINITY;
+    // Largest relative decrease -dv / v of this lane's primal (p) and dual (q) entries; t and
+    // zeta_t, the same in every lane, are added after the reduction.
+    auto lane_decrease = [&](const Direction<D>& dd, double& p, double& q) {
+      p = 0.0;
+      q = 0.0;
       if (!act) return;
-      p = max_step(s, dd.s);
-      q = max_step(zs, dd.zs);
+      p = fmax(-dd.s * is, 0.0);
+      q = -dd.zs * izs;
 #pragma unroll
       for (int d = 0; d < D; ++d) {
-        p = fmin(p, fmin(max_step(x[d], dd.x[d]), max_step(w[d], dd.w[d])));
-        q = fmin(q, fmin(max_step(zx[d], dd.zx[d]), max_step(nu[d], dd.nu[d])));
+        p = fmax(p, fmax(-dd.x[d] * ix[d], -dd.w[d] * iw[d]));
+        q = fmax(q, fmax(-dd.zx[d] * izx[d], -dd.nu[d] * inu[d]));
       }
     };
 
@@ -355,7 +405,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     Direction<D> aff;
     direction(rzx, -t * zt, -s * zs, rwn, aff);
     double p_aff, d_aff;
-    lane_steps(aff, p_aff, d_aff);
+    lane_decrease(aff, p_aff, d_aff);
     // mu_aff expands (z + a_p dz)(zeta + a_d dzeta) so one butterfly serves steps and sums.
     double s_zdz = s * aff.zs, s_dzz = aff.s * zs, s_dzdz = aff.s * aff.zs;
 #pragma unroll
@@ -367,20 +417,21 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     if (!act) s_zdz = s_dzz = s_dzdz = 0.0;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-      p_aff = fmin(p_aff, __shfl_xor_sync(kFullMask, p_aff, o));
-      d_aff = fmin(d_aff, __shfl_xor_sync(kFullMask, d_aff, o));
+      p_aff = fmax(p_aff, __shfl_xor_sync(kFullMask, p_aff, o));
+      d_aff = fmax(d_aff, __shfl_xor_sync(kFullMask, d_aff, o));
       s_zdz += __shfl_xor_sync(kFullMask, s_zdz, o);
       s_dzz += __shfl_xor_sync(kFullMask, s_dzz, o);
       s_dzdz += __shfl_xor_sync(kFullMask, s_dzdz, o);
     }
-    const double ap_aff = fmin(1.0, fmin(p_aff, max_step(t, aff.t)));
-    const double ad_aff = fmin(1.0, fmin(d_aff, max_step(zt, aff.zt)));
+    const double ap_aff = step_length(fmax(p_aff, -aff.t * itt), 1.0);
+    const double ad_aff = step_length(fmax(d_aff, -aff.zt * izt), 1.0);
     s_zdz += t * aff.zt;
     s_dzz += aff.t * zt;
     s_dzdz += aff.t * aff.zt;
     const double mu_aff =
-        fmax(0.0, comp + ad_aff * s_zdz + ap_aff * s_dzz + ap_aff * ad_aff * s_dzdz) / n_compl;
-    const double ratio = mu_aff / mu;
+        fmax(0.0, comp + ad_aff * s_zdz + ap_aff * s_dzz + ap_aff * ad_aff * s_dzdz) *
+        inv_n_compl;
+    const double ratio = mu_aff * fast_rcp(mu);
     const double sigma_mu = ratio * ratio * ratio * mu;
 
     // Corrector direction.
@@ -393,14 +444,14 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     direction(rzx, sigma_mu - t * zt - aff.t * aff.zt, sigma_mu - s * zs - aff.s * aff.zs, rwn,
               dir);
     double p_max, d_max;
-    lane_steps(dir, p_max, d_max);
+    lane_decrease(dir, p_max, d_max);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-      p_max = fmin(p_max, __shfl_xor_sync(kFullMask, p_max, o));
-      d_max = fmin(d_max, __shfl_xor_sync(kFullMask, d_max, o));
+      p_max = fmax(p_max, __shfl_xor_sync(kFullMask, p_max, o));
+      d_max = fmax(d_max, __shfl_xor_sync(kFullMask, d_max, o));
     }
-    const double ap = fmin(1.0, kStepFraction * fmin(p_max, max_step(t, dir.t)));
-    const double ad = fmin(1.0, kStepFraction * fmin(d_max, max_step(zt, dir.zt)));
+    const double ap = step_length(fmax(p_max, -dir.t * itt), kStepFraction);
+    const double ad = step_length(fmax(d_max, -dir.zt * izt), kStepFraction);
     t += ap * dir.t;
     zt += ad * dir.zt;
     if (act) {
