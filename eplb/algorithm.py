@@ -40,16 +40,20 @@ def _positive_int(name: str, value: object) -> int:
 
 def _checked_weight(weight: object) -> torch.Tensor:
     """Loads as a CPU tensor of their own dtype; [L, E], finite, non-negative, int or float."""
-    w = torch.as_tensor(weight) if not isinstance(weight, torch.Tensor) else weight
+    try:
+        w = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(weight)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"weight must be a tensor or array of numbers, got {weight!r}") from None
     if w.dtype == torch.bool or w.is_complex():
         raise TypeError(f"weight must have an int or float dtype, got {w.dtype}")
     if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"weight must be a non-empty 2-D [layers, experts], got {tuple(w.shape)}")
     w = w.detach().cpu()
-    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
-        raise ValueError(f"weight must be finite, got {w[~torch.isfinite(w)][0].item()}")
-    if bool((w < 0).any()):
-        raise ValueError(f"weight must be non-negative, got {w.min().item()}")
+    low, high = torch.aminmax(w)  # one pass; NaN propagates into both
+    if not (bool(low >= 0) and bool(high < float("inf"))):
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise ValueError(f"weight must be finite, got {w[~torch.isfinite(w)][0].item()}")
+        raise ValueError(f"weight must be non-negative, got {low.item()}")
     return w
 
 

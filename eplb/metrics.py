@@ -131,7 +131,8 @@ def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> tor
 
     Returns:
         [L, num_gpus] float64 (``[num_gpus]`` for one-layer inputs). An expert without any copy
-        contributes to no GPU.
+        contributes to no GPU. Each GPU's shares are added in ascending order, so the result
+        does not depend on the order of slots within a GPU.
     """
     p = _as_layers(phy2log)
     w = torch.as_tensor(weight).to("cpu", torch.float64)
@@ -144,8 +145,13 @@ def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> tor
     logcnt = _counts(p, w.shape[1])
     e = p.clamp(min=0)
     share = (w.gather(1, e) / logcnt.gather(1, e).clamp(min=1)).masked_fill(p < 0, 0.0)
-    loads = share.reshape(p.shape[0], num_gpus, per_gpu).sum(-1)
+    loads = share.reshape(p.shape[0], num_gpus, per_gpu).sort(-1).values.sum(-1)
     return loads[0] if torch.as_tensor(phy2log).dim() == 1 else loads
+
+
+def _sorted_loads(loads: torch.Tensor) -> torch.Tensor:
+    """Loads as float64, sorted along the GPU axis: statistics then do not depend on GPU order."""
+    return torch.as_tensor(loads).to(torch.float64).sort(-1).values
 
 
 def balancedness(loads: torch.Tensor) -> torch.Tensor:
@@ -157,7 +163,7 @@ def balancedness(loads: torch.Tensor) -> torch.Tensor:
     Returns:
         [...] float64 in [0, 1]; 1.0 for a layer without any load.
     """
-    x = torch.as_tensor(loads).to(torch.float64)
+    x = _sorted_loads(loads)
     top = x.amax(-1)
     return torch.where(top > 0, x.mean(-1) / torch.where(top > 0, top, 1.0), 1.0)
 
@@ -171,7 +177,7 @@ def coefficient_of_variation(loads: torch.Tensor) -> torch.Tensor:
     Returns:
         [...] float64 >= 0 (0.0 for a layer without any load).
     """
-    x = torch.as_tensor(loads).to(torch.float64)
+    x = _sorted_loads(loads)
     mean = x.mean(-1)
     std = x.std(-1, correction=0)
     return torch.where(mean > 0, std / torch.where(mean > 0, mean, 1.0), 0.0)
@@ -188,7 +194,7 @@ def normalized_variance(loads: torch.Tensor) -> torch.Tensor:
     Returns:
         [...] float64 >= 0 (0.0 for a layer without any load).
     """
-    x = torch.as_tensor(loads).to(torch.float64)
+    x = _sorted_loads(loads)
     mean = x.mean(-1)
     var = x.var(-1, correction=0)
     return torch.where(mean > 0, var / torch.where(mean > 0, mean, 1.0) ** 2, 0.0)

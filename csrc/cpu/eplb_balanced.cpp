@@ -8,9 +8,11 @@
 namespace eplb {
 namespace {
 
-// Random restarts of the local search for a node that misses its target; bounded so that a
-// layer never costs more than a few milliseconds.
-constexpr int kPerturbRounds = 200;
+// Perturbation rounds for a node that misses its target: about kPerturbSlots / (slots of the
+// node) rounds, within [kMinRounds, kMaxRounds]. Only nodes where DeepSeek's placement repeats an
+// expert on its heaviest GPUs get here, and the search stops as soon as the target is met; where
+// no duplicate-free placement can meet it, this bounds the time (tens of milliseconds at most).
+constexpr int kPerturbSlots = 200000, kMinRounds = 200, kMaxRounds = 5000;
 
 // Heaviest GPU of a placement, a copy of e carrying weight[e] / (copies of e).
 double max_gpu_load(const double* weight, const int64_t* phy2log, const Shape& shape,
@@ -128,7 +130,8 @@ double solve_nodes(const double* weight, const Shape& shape, const int64_t* star
     if (from_scratch && ws.holders != ws.copies) run(ws.empty.data(), nullptr);
     if (best > target) {
       placement.restore_from(ws.best_slots);
-      placement.perturb(target, kPerturbRounds, 0x5eed + node);
+      const int rounds = std::clamp(kPerturbSlots / phy_per_node, kMinRounds, kMaxRounds);
+      placement.perturb(target, rounds, 0x5eed + node);
       if (placement.max_load() < best) {
         best = placement.max_load();
         ws.best_slots = placement.slots();
