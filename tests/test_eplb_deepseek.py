@@ -34,7 +34,8 @@ def random_loads(kind: str, layers: int, experts: int, gen: torch.Generator) -> 
     if kind == "lognormal":
         return torch.randn(layers, experts, generator=gen).mul(1.5).exp()
     # distinct integers within each layer
-    return torch.stack([torch.randperm(50 * experts, generator=gen)[:experts] for _ in range(layers)])
+    rows = [torch.randperm(50 * experts, generator=gen)[:experts] for _ in range(layers)]
+    return torch.stack(rows)
 
 
 def assert_same(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> None:
