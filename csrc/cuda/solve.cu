@@ -53,9 +53,11 @@ __device__ __forceinline__ double fast_rcp(double v) {
   return fma(r, e, r);
 }
 
-__device__ __forceinline__ double warp_max(double v) {
+// Maximum over the GP lanes of a replica set (see solve_kernel), equal in every lane.
+template <int GP>
+__device__ __forceinline__ double group_max(double v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(kFullMask, v, o));
+  for (int o = GP / 2; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
 }
 
@@ -116,12 +118,14 @@ __device__ __forceinline__ void store_row(double* dst, const double (&src)[GP]) 
   }
 }
 
-// In-place Gauss-Jordan inversion of the padded GP x GP matrix, lane i holding row i in `row`.
+// In-place Gauss-Jordan inversion of the padded GP x GP matrix; lane i < GP holds row i in
+// `row`, the other lanes a copy of row `rank` = lane % GP.
 // No pivoting: K is symmetric positive definite, and its pivots are those of Cholesky, so a
 // non-positive or non-finite pivot is the factorisation failure of docs/lp.md (returned in every
 // lane). On success `ws.colsum` holds the column sums of the inverse.
 template <int GP>
-__device__ __forceinline__ bool invert(double (&row)[GP], Workspace<GP>& ws, int lane) {
+__device__ __forceinline__ bool invert(double (&row)[GP], Workspace<GP>& ws, int lane,
+                                       int rank) {
 #pragma unroll
   for (int k = 0; k < GP; ++k) {
     double* pivot_row = ws.pivot[k % 2];
@@ -132,14 +136,16 @@ __device__ __forceinline__ bool invert(double (&row)[GP], Workspace<GP>& ws, int
     const double p = rk[k];
     if (!(p > 0.0) || !isfinite(p)) return false;
     const double ip = fast_rcp(p);
-    const bool is_pivot = lane == k;
-    // Other rows: row -= (row[k] / p) * pivot row; the pivot row: row *= 1 / p (its
-    // coefficient ip - 1 against itself). Column k becomes -row[k] / p, the pivot 1 / p.
-    const double f = is_pivot ? 1.0 : row[k] * ip;
-    const double c = (is_pivot ? ip : 0.0) - f;
+    const bool is_pivot = rank == k;
+    // Other rows: row -= (row[k] / p) * pivot row; the pivot row: row *= 1 / p (as a scale,
+    // not as 1 + (1/p - 1), which would cancel for large pivots). Column k becomes
+    // -row[k] / p, the pivot 1 / p.
+    const double f = row[k] * ip;
+    const double m = is_pivot ? ip : 1.0;
+    const double c = is_pivot ? 0.0 : -f;
 #pragma unroll
     for (int j = 0; j < GP; ++j) {
-      if (j != k) row[j] = fma(c, rk[j], row[j]);
+      if (j != k) row[j] = fma(c, rk[j], row[j] * m);
     }
     row[k] = is_pivot ? ip : -f;
   }
@@ -187,20 +193,24 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
   __shared__ Workspace<GP> ws;
   const int G = a.group_size;
   const int lane = threadIdx.x;
-  const bool act = lane < G;
+  // Lanes GP..31 replicate lanes 0..GP-1 (rank = lane % GP): every reduction then needs only
+  // log2(GP) butterfly steps and still leaves the same value in all 32 lanes.
+  const int rank = lane % GP;
+  const bool act = rank < G;
+  const bool owner = lane < G;  // writes the outputs of its rank
 
   int r2o[D], o2r[D];
   double W[D];
   double F = 0.0;
 #pragma unroll
   for (int d = 0; d < D; ++d) {
-    r2o[d] = act ? a.r2o[lane * D + d] : lane;
-    o2r[d] = act ? a.o2r[lane * D + d] : lane;
+    r2o[d] = act ? a.r2o[rank * D + d] : rank;
+    o2r[d] = act ? a.o2r[rank * D + d] : rank;
     W[d] = 0.0;
   }
   if (act) {
     const std::int32_t* slots =
-        a.phy2log + (static_cast<std::int64_t>(blockIdx.x) * G + lane) * a.n_local_routed;
+        a.phy2log + (static_cast<std::int64_t>(blockIdx.x) * G + rank) * a.n_local_routed;
     // phy2log entries outside [0, n_logical) carry no load (never an out-of-bounds read).
     auto load = [&](int j) {
       const int e = slots[j];
@@ -219,9 +229,9 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
 #pragma unroll
   for (int d = 0; d < D; ++d) total += W[d];
   const bool bad_input = __any_sync(kFullMask, act && !isfinite(total));
-  const double scale = warp_max(act ? total : 0.0);
+  const double scale = group_max<GP>(act ? total : 0.0);
 
-  float* out = a.probs + (static_cast<std::int64_t>(blockIdx.x) * G + lane) * D;
+  float* out = a.probs + (static_cast<std::int64_t>(blockIdx.x) * G + rank) * D;
   auto count_success = [&]() {
     if (lane != 0) return;
     if (a.avail_int64) {
@@ -231,7 +241,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     }
   };
   if (bad_input || !(scale > 0.0)) {
-    if (act) {
+    if (owner) {
 #pragma unroll
       for (int d = 0; d < D; ++d) out[d] = static_cast<float>(kFailedShare);
     }
@@ -258,7 +268,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     nu[d] = 1.0;
   }
   const double load0 = c - apply_b(W, x, r2o);  // rank loads L(x) = c - B x at x = 1/2
-  double t = warp_max(act ? load0 : -INFINITY) + 1.0;
+  double t = group_max<GP>(act ? load0 : -INFINITY) + 1.0;
   // Idle lanes keep harmless positive values; they are masked out of every reduction.
   double s = act ? t - load0 : 1.0;
   double y = act ? 1.0 / G : 0.0;
@@ -313,7 +323,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     const bool nonfinite =
         __any_sync(kFullMask, !(isfinite(res) && isfinite(comp) && isfinite(kdiag)));
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
+    for (int o = GP / 2; o > 0; o >>= 1) {
       res = fmax(res, __shfl_xor_sync(kFullMask, res, o));
       kdiag = fmax(kdiag, __shfl_xor_sync(kFullMask, kdiag, o));
       ysum += __shfl_xor_sync(kFullMask, ysum, o);
@@ -335,7 +345,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     // inverted in registers. Padding rows G..GP-1 are identity.
     double row[GP];
 #pragma unroll
-    for (int j = 0; j < GP; ++j) row[j] = act && j < G ? tht : (j == lane ? 1.0 : 0.0);
+    for (int j = 0; j < GP; ++j) row[j] = act && j < G ? tht : (j == rank ? 1.0 : 0.0);
     if (lane < GP) {
       store_row(ws.k[lane], row);
       if (act) {
@@ -346,9 +356,10 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
           ws.k[lane][r2o[d]] -= kb[d];
         }
       }
-      load_row(ws.k[lane], row);
     }
-    if (!invert(row, ws, lane)) break;
+    __syncwarp();
+    load_row(ws.k[rank], row);
+    if (!invert(row, ws, lane, rank)) break;
 
     auto direction = [&](const double(&rzx)[D], double rzt, double rzs, const double(&rwn)[D],
                          Direction<D>& dd) {
@@ -416,7 +427,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     }
     if (!act) s_zdz = s_dzz = s_dzdz = 0.0;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
+    for (int o = GP / 2; o > 0; o >>= 1) {
       p_aff = fmax(p_aff, __shfl_xor_sync(kFullMask, p_aff, o));
       d_aff = fmax(d_aff, __shfl_xor_sync(kFullMask, d_aff, o));
       s_zdz += __shfl_xor_sync(kFullMask, s_zdz, o);
@@ -446,7 +457,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     double p_max, d_max;
     lane_decrease(dir, p_max, d_max);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
+    for (int o = GP / 2; o > 0; o >>= 1) {
       p_max = fmax(p_max, __shfl_xor_sync(kFullMask, p_max, o));
       d_max = fmax(d_max, __shfl_xor_sync(kFullMask, d_max, o));
     }
@@ -468,7 +479,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     }
   }
 
-  if (act) {
+  if (owner) {
 #pragma unroll
     for (int d = 0; d < D; ++d) {
       out[d] = static_cast<float>(converged ? fmin(1.0, fmax(0.0, x[d])) : kFailedShare);
