@@ -67,15 +67,17 @@ def log2phy_from_ranks(
     """
     num_layers, num_logical = logcnt.shape
     maxcnt = int(logcnt.max()) if logcnt.numel() else 0
-    used = phy2log >= 0
-    if bool((used & ((phyrank < 0) | (phyrank >= maxcnt))).any()):
-        raise ValueError(f"phyrank must lie in [0, {maxcnt}) on used slots")
-    p2l = phy2log.to(torch.int64).contiguous()
-    rank = phyrank.to(torch.int64).contiguous()
+    p2l = phy2log.to("cpu", torch.int64).contiguous()
+    rank = phyrank.to("cpu", torch.int64).contiguous()
+    if p2l.shape != rank.shape or p2l.shape[0] != num_layers:
+        raise ValueError(
+            f"phy2log {tuple(p2l.shape)}, phyrank {tuple(rank.shape)} and logcnt "
+            f"{tuple(logcnt.shape)} do not match"
+        )
     log2phy = torch.empty(num_layers, num_logical, maxcnt, dtype=torch.int64)
     # A C++ loop: torch's fill/scatter would wake its thread pool, costing milliseconds on a
     # busy machine for a few hundred writes.
-    _C.eplb_log2phy(
+    if not _C.eplb_log2phy(
         p2l.data_ptr(),
         rank.data_ptr(),
         num_layers,
@@ -83,7 +85,11 @@ def log2phy_from_ranks(
         num_logical,
         maxcnt,
         log2phy.data_ptr(),
-    )
+    ):
+        raise ValueError(
+            f"phy2log ids must be below {num_logical} and phyrank must lie in [0, {maxcnt}) "
+            "on used slots"
+        )
     return log2phy
 
 

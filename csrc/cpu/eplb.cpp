@@ -78,9 +78,10 @@ void balanced(uintptr_t weight, int64_t num_layers, const eplb::Shape& shape, ui
   });
 }
 
-// log2phy[l, e, r] = the slot holding copy r of expert e; -1 where there is none. Inputs are
-// checked by the caller: every rank of a used slot is below maxcnt.
-void log2phy(uintptr_t phy2log, uintptr_t phyrank, int64_t num_layers, int64_t num_replicas,
+// log2phy[l, e, r] = the slot holding copy r of expert e; -1 where there is none. Returns false
+// (leaving `out` partly written) when a used slot has an expert id >= num_experts or a rank
+// outside [0, maxcnt).
+bool log2phy(uintptr_t phy2log, uintptr_t phyrank, int64_t num_layers, int64_t num_replicas,
              int64_t num_experts, int64_t maxcnt, uintptr_t out) {
   py::gil_scoped_release release;
   const int64_t* p2l = address<const int64_t>(phy2log);
@@ -89,10 +90,13 @@ void log2phy(uintptr_t phy2log, uintptr_t phyrank, int64_t num_layers, int64_t n
   std::fill(dst, dst + num_layers * num_experts * maxcnt, int64_t{-1});
   for (int64_t l = 0; l < num_layers; ++l) {
     for (int64_t p = 0; p < num_replicas; ++p) {
-      const int64_t e = p2l[l * num_replicas + p];
-      if (e >= 0) dst[(l * num_experts + e) * maxcnt + rank[l * num_replicas + p]] = p;
+      const int64_t e = p2l[l * num_replicas + p], r = rank[l * num_replicas + p];
+      if (e < 0) continue;
+      if (e >= num_experts || r < 0 || r >= maxcnt) return false;
+      dst[(l * num_experts + e) * maxcnt + r] = p;
     }
   }
+  return true;
 }
 
 eplb::Shape make_shape(int64_t num_experts, int64_t num_replicas, int64_t num_groups,
@@ -136,7 +140,7 @@ void register_eplb_cpu(py::module_& m) {
       py::arg("num_changed"));
   m.def("eplb_log2phy", &log2phy,
         "Inverse placement map. phy2log, phyrank [L, R] int64 (-1 = unused slot); writes "
-        "log2phy [L, E, maxcnt] int64, -1 padded.",
+        "log2phy [L, E, maxcnt] int64, -1 padded. False if an id or rank is out of range.",
         py::arg("phy2log"), py::arg("phyrank"), py::arg("num_layers"), py::arg("num_replicas"),
         py::arg("num_experts"), py::arg("maxcnt"), py::arg("log2phy"));
 }

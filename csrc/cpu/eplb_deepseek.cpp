@@ -1,18 +1,41 @@
 #include "eplb_deepseek.h"
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 
 namespace eplb {
 namespace {
 
-// Min-heap order: lightest pack on top, ties to the lowest pack index (Python's `min` keeps the
-// first of equal keys).
-struct HeavierPack {
-  bool operator()(const PackLoad& a, const PackLoad& b) const {
-    return a.load > b.load || (a.load == b.load && a.pack > b.pack);
+// Strict orders (no two packs or experts compare equal), so every heap top is unique: the
+// lightest pack with ties to the lowest index (Python's `min` keeps the first of equal keys), and
+// the largest per-copy load with ties to the lowest expert (torch's max returns the first).
+bool before(const PackLoad& a, const PackLoad& b) {
+  return a.load < b.load || (a.load == b.load && a.pack < b.pack);
+}
+bool before(const ReplicaLoad& a, const ReplicaLoad& b) {
+  return a.per_copy > b.per_copy || (a.per_copy == b.per_copy && a.expert < b.expert);
+}
+
+// Binary heap with before() on top: restores the order after heap[0] was changed.
+template <typename T>
+void sift_down_top(std::vector<T>& heap) {
+  const std::size_t n = heap.size();
+  const T moving = heap[0];
+  std::size_t i = 0;
+  for (std::size_t child = 1; child < n; child = 2 * i + 1) {
+    if (child + 1 < n && before(heap[child + 1], heap[child])) ++child;
+    if (!before(heap[child], moving)) break;
+    heap[i] = heap[child];
+    i = child;
   }
-};
+  heap[i] = moving;
+}
+
+template <typename T>
+void make_heap(std::vector<T>& heap) {
+  std::make_heap(heap.begin(), heap.end(), [](const T& a, const T& b) { return before(b, a); });
+}
 
 // Sort key of item i with weight v >= 0: ascending keys give descending weights, ties to the
 // lower index (the order of a stable descending sort). Non-negative floats order like their bit
@@ -42,29 +65,19 @@ void balanced_packing(const float* w, int64_t n, int64_t num_packs, int64_t* pac
 
   heap.clear();
   for (int64_t p = 0; p < num_packs; ++p) heap.push_back({0.0f, p, 0});
-  std::make_heap(heap.begin(), heap.end(), HeavierPack{});
   for (const uint64_t key : order) {
     const int64_t item = static_cast<int64_t>(key & 0xffffffffu);
-    std::pop_heap(heap.begin(), heap.end(), HeavierPack{});
-    PackLoad& top = heap.back();
+    PackLoad& top = heap[0];
     pack[item] = top.pack;
     rank[item] = top.items;
     top.load += w[item];
-    if (++top.items < cap) {
-      std::push_heap(heap.begin(), heap.end(), HeavierPack{});
-    } else {
-      heap.pop_back();  // full packs leave the heap for good
+    if (++top.items == cap) {  // full packs leave the heap for good
+      top = heap.back();
+      heap.pop_back();
     }
+    if (!heap.empty()) sift_down_top(heap);
   }
 }
-
-// Max-heap order: largest per-copy load on top, ties to the lowest expert index (torch's max
-// returns the first maximal index).
-struct LighterReplica {
-  bool operator()(const ReplicaLoad& a, const ReplicaLoad& b) const {
-    return a.per_copy < b.per_copy || (a.per_copy == b.per_copy && a.expert > b.expert);
-  }
-};
 
 // Give num_phy - n extra copies, each to the expert with the largest load per copy.
 void replicate_experts(const float* w, int64_t n, int64_t num_phy, int64_t* phy2log,
@@ -76,15 +89,14 @@ void replicate_experts(const float* w, int64_t n, int64_t num_phy, int64_t* phy2
     cnt[e] = 1;
     heap[e] = {w[e], e};
   }
-  std::make_heap(heap.begin(), heap.end(), LighterReplica{});
+  make_heap(heap);
   for (int64_t p = n; p < num_phy; ++p) {
-    std::pop_heap(heap.begin(), heap.end(), LighterReplica{});
-    const int64_t e = heap.back().expert;
+    const int64_t e = heap[0].expert;
     phy2log[p] = e;
     rank[p] = cnt[e];
     cnt[e] += 1;
-    heap.back().per_copy = w[e] / static_cast<float>(cnt[e]);
-    std::push_heap(heap.begin(), heap.end(), LighterReplica{});
+    heap[0].per_copy = w[e] / static_cast<float>(cnt[e]);
+    sift_down_top(heap);
   }
 }
 

@@ -192,9 +192,27 @@ void NodePlacement::index_holders() {
   for (int e = 0; e < n_; ++e) holder_start_[e + 1] = holder_start_[e] + cnt_[e];
   holder_.resize(holder_start_[n_]);
   fill_.assign(holder_start_.begin(), holder_start_.end() - 1);
+  top1_.assign(n_, -kInf);
+  top2_.assign(n_, -kInf);
+  top1_gpu_.assign(n_, -1);
   for (int g = 0; g < G_; ++g) {
-    for (int s = 0; s < S_; ++s) holder_[fill_[at(g, s)]++] = g;
+    const double l = load_[g];
+    for (int s = 0; s < S_; ++s) {
+      const int e = at(g, s);
+      holder_[fill_[e]++] = g;
+      if (l > top1_[e]) {
+        top2_[e] = top1_[e];
+        top1_[e] = l;
+        top1_gpu_[e] = g;
+      } else if (l > top2_[e]) {
+        top2_[e] = l;
+      }
+    }
   }
+}
+
+double NodePlacement::holder_max_except(int e, int g) const {
+  return top1_gpu_[e] == g ? top2_[e] : top1_[e];
 }
 
 // Heaviest new load among the holders of `e` other than `skip`, when e's copies change by `delta`
@@ -256,11 +274,13 @@ bool NodePlacement::best_move(int g, Move& move) {
     const int a = at(g, s);
     if (cnt_[a] < 2) continue;
     const double rise = w_[a] / (cnt_[a] - 1) - q_[a];
+    const double others_at_most = holder_max_except(a, g) + rise;
     for (int b = 0; b < n_; ++b) {
       if (cnt_[b] >= G_ || has(g, b)) continue;
       const double qb_new = w_[b] / (cnt_[b] + 1);
       const double g_new = M - q_[a] + qb_new;
-      if (g_new >= best) continue;
+      // The holders of a end between others_at_most - (the drop of b) and others_at_most.
+      if (std::max(g_new, others_at_most + (qb_new - q_[b])) >= best) continue;
       const double others = holders_after(a, g, rise, b, qb_new - q_[b]);
       consider(std::max(g_new, others), {MoveKind::kTransfer, g, s, -1, -1, a, b});
     }
@@ -283,6 +303,7 @@ bool NodePlacement::best_move(int g, Move& move) {
         if (h_new >= best) continue;
         const double rise = w_[b] / (cnt_[b] - 1) - q_[b];
         const double g_new = M + drop + (has(g, b) ? rise : 0.0);
+        if (std::max(g_new, holder_max_except(b, h) + rise + drop) >= best) continue;
         const double others = holders_after(b, h, rise, a, drop);
         consider(std::max({g_new, h_new, others}), {MoveKind::kTransfer, h, t, -1, -1, b, a});
       }

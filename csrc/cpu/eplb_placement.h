@@ -56,6 +56,7 @@ class NodePlacement {
   void fill_missing(const std::vector<int>& kept);
   int make_room(int e, std::vector<int>& room);
   void index_holders();
+  double holder_max_except(int e, int g) const;
   double holders_after(int e, int skip, double delta, int other, double other_delta) const;
   bool best_move(int g, Move& move);
   void apply(const Move& move);
@@ -73,8 +74,10 @@ class NodePlacement {
   std::vector<int> slot_, cnt_;
   std::vector<double> q_, load_;  // per-copy load w/cnt; per-GPU load
   std::vector<unsigned char> has_;
-  // GPUs holding each expert: holder_[holder_start_[e] .. holder_start_[e + 1]).
-  std::vector<int> holder_start_, holder_, fill_;
+  // GPUs holding each expert: holder_[holder_start_[e] .. holder_start_[e + 1]); the two largest
+  // loads among them and the GPU of the largest.
+  std::vector<int> holder_start_, holder_, fill_, top1_gpu_;
+  std::vector<double> top1_, top2_;
   std::vector<int> touched_, by_load_;
 };
 
