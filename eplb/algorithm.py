@@ -6,9 +6,10 @@
 * ``policy="deepseek"`` (default) reproduces deepseek-ai/EPLB ``eplb.rebalance_experts``: the same
   float32 arithmetic in the same order, so the outputs are identical (ties between equal loads go
   to the lower index, as a stable sort would).
-* ``policy="balanced"`` never puts two copies of one expert on one GPU and, on every layer, leaves
-  the heaviest GPU no heavier than the DeepSeek placement does (see docs/eplb.md for the cases
-  where that is impossible without a repeat); it can also stay close to an old placement.
+* ``policy="balanced"`` never puts two copies of one expert on one GPU and leaves the heaviest GPU
+  of every layer no heavier than the DeepSeek placement does, except where no duplicate-free
+  placement can (docs/eplb.md gives such a case and how rare it is); it can also stay close to
+  an old placement.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def _checked_weight(weight: object) -> torch.Tensor:
     return w
 
 
-def _checked_old(old_phy2log: object, num_layers: int, num_replicas: int, num_experts: int):
+def _checked_old(
+    old_phy2log: object, num_layers: int, num_replicas: int, num_experts: int
+) -> torch.Tensor:
     """Old placement as a contiguous CPU int64 [L, R] tensor with ids in [-1, E)."""
     old = torch.as_tensor(old_phy2log)
     if old.dtype == torch.bool or old.is_floating_point() or old.is_complex():
@@ -98,11 +101,13 @@ def rebalance_experts(
         num_nodes: server nodes; must divide ``num_gpus``.
         num_gpus: GPUs; GPU ``g`` holds slots ``[g * R / num_gpus, (g + 1) * R / num_gpus)``.
         policy: ``"deepseek"`` (exact reference behaviour) or ``"balanced"`` (no expert twice on a
-            GPU, copies capped at the GPUs an expert may use, heaviest GPU never heavier than
-            the reference's; needs ``R / num_gpus`` <= experts per node).
-        old_phy2log: [L, R] integer, the placement in use now (``policy="balanced"`` only). The
-            GPUs, nodes and slots of the result are arranged to keep experts where they are, and
-            a placement grown from the old one is preferred when it balances as well.
+            GPU, copies capped at the GPUs an expert may use, heaviest GPU no heavier than the
+            reference's wherever a duplicate-free placement allows; needs ``R / num_gpus`` <=
+            experts per node).
+        old_phy2log: [L, R] integer, the placement in use now, -1 for unused slots
+            (``policy="balanced"`` only). GPUs (within nodes, nodes as units) and slots of the
+            result are arranged to keep experts where they are, and a placement grown from the
+            old one is preferred when it changes fewer slots and balances as well.
 
     Returns:
         phy2log: [L, R] int64, logical expert of every physical slot.

@@ -13,6 +13,8 @@ namespace {
 // expert on its heaviest GPUs get here, and the search stops as soon as the target is met; where
 // no duplicate-free placement can meet it, this bounds the time (tens of milliseconds at most).
 constexpr int kPerturbSlots = 200000, kMinRounds = 200, kMaxRounds = 5000;
+// The search from an old placement only competes on moving fewer experts; a short one suffices.
+constexpr int kOldRounds = kMinRounds;
 
 // Heaviest GPU of a placement, a copy of e carrying weight[e] / (copies of e).
 double max_gpu_load(const double* weight, const int64_t* phy2log, const Shape& shape,
@@ -78,11 +80,13 @@ bool read_node_layout(const int64_t* phy2log, const Shape& shape, BalancedWorksp
 }
 
 // Places every node of the layout in ws, keeping per node the lightest of several local-search
-// runs: from `start` ([R], -1 = empty) with its copy counts; from `start` with one copy less for
-// every repeat on a GPU (merging the repeat instead of moving it); and, when `from_scratch`, from
-// empty GPUs with greedy counts. Writes the placement to `out` ([R]); returns its heaviest load.
+// runs: from `start` ([R], -1 = empty) with its copy counts; and, where `start` repeats an expert
+// on a GPU, from `start` with one copy less per repeat (merging the repeat instead of moving it)
+// and, when `from_scratch`, from empty GPUs with greedy counts. A node still heavier than
+// `target` then gets up to `max_rounds` rounds of perturbation. Writes the placement to `out`
+// ([R]); returns its heaviest GPU load.
 double solve_nodes(const double* weight, const Shape& shape, const int64_t* start,
-                   bool from_scratch, double target, std::vector<int64_t>& out,
+                   bool from_scratch, double target, int max_rounds, std::vector<int64_t>& out,
                    BalancedWorkspace& ws) {
   const int N = static_cast<int>(shape.num_nodes);
   const int n = static_cast<int>(shape.num_experts / N);
@@ -129,8 +133,8 @@ double solve_nodes(const double* weight, const Shape& shape, const int64_t* star
     if (ws.holders != ws.copies) run(ws.start.data(), ws.holders.data(), true);
     if (from_scratch && ws.holders != ws.copies) run(ws.empty.data(), nullptr);
     if (best > target) {
-      placement.restore_from(ws.best_slots);
-      const int rounds = std::clamp(kPerturbSlots / phy_per_node, kMinRounds, kMaxRounds);
+      placement.restore(ws.best_slots);
+      const int rounds = std::clamp(kPerturbSlots / phy_per_node, kMinRounds, max_rounds);
       placement.perturb(target, rounds, 0x5eed + node);
       if (placement.max_load() < best) {
         best = placement.max_load();
@@ -154,7 +158,8 @@ int64_t balanced_layer(const double* weight, const Shape& shape, const int64_t* 
   assert(layout_ok);
   (void)layout_ok;
   const double reference = max_gpu_load(weight, deepseek, shape, ws.count);
-  double best = solve_nodes(weight, shape, deepseek, /*from_scratch=*/true, reference, ws.fresh, ws);
+  double best = solve_nodes(weight, shape, deepseek, /*from_scratch=*/true, reference,
+                            kMaxRounds, ws.fresh, ws);
   // Where DeepSeek's own placement is duplicate-free and ours is not clearly better, keep it:
   // then even the last bit of every balance metric is the reference's.
   if (!has_duplicate(deepseek, shape) && !(best < reference * (1.0 - 1e-12))) {
@@ -170,7 +175,8 @@ int64_t balanced_layer(const double* weight, const Shape& shape, const int64_t* 
   // kept as it is. Of the candidates, the one that changes fewer slots wins.
   int64_t changed = align_to_old(ws.fresh.data(), old, weight, shape, phy2log);
   if (read_node_layout(old, shape, ws)) {
-    double near = solve_nodes(weight, shape, old, /*from_scratch=*/false, best, ws.near, ws);
+    double near = solve_nodes(weight, shape, old, /*from_scratch=*/false, best,
+                              kOldRounds, ws.near, ws);
     if (is_complete(old, shape, ws.count) && !has_duplicate(old, shape)) {
       const double as_is = max_gpu_load(weight, old, shape, ws.count);
       if (!(near < as_is * (1.0 - 1e-12))) {

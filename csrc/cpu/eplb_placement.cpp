@@ -58,30 +58,34 @@ void NodePlacement::set_counts(const int* counts, bool light) {
     }
     cnt_[best] -= 1;
   }
-  // Too few: the reference's greedy (largest load per copy first), capped at one copy per GPU.
+  // Too few: copies one by one, at most one per GPU, to the expert whose copies would then be
+  // the lightest (`light`) or, as the reference's greedy does, whose copies are the heaviest now.
   if (light) {
     for (; total < target; ++total) {
       int best = -1;
       for (int e = 0; e < n_; ++e) {
-        if (cnt_[e] < G_ && (best < 0 || w_[e] / (cnt_[e] + 1) < w_[best] / (cnt_[best] + 1))) best = e;
+        if (cnt_[e] < G_ && (best < 0 || w_[e] / (cnt_[e] + 1) < w_[best] / (cnt_[best] + 1))) {
+          best = e;
+        }
       }
       cnt_[best] += 1;
     }
-  }
-  std::vector<PerCopy> heap;
-  for (int e = 0; e < n_; ++e) {
-    if (cnt_[e] < G_) heap.push_back({w_[e] / cnt_[e], e});
-  }
-  std::make_heap(heap.begin(), heap.end(), lighter);
-  for (; total < target; ++total) {
-    std::pop_heap(heap.begin(), heap.end(), lighter);
-    const int e = heap.back().expert;
-    cnt_[e] += 1;
-    if (cnt_[e] < G_) {
-      heap.back().load = w_[e] / cnt_[e];
-      std::push_heap(heap.begin(), heap.end(), lighter);
-    } else {
-      heap.pop_back();
+  } else {
+    std::vector<PerCopy> heap;
+    for (int e = 0; e < n_; ++e) {
+      if (cnt_[e] < G_) heap.push_back({w_[e] / cnt_[e], e});
+    }
+    std::make_heap(heap.begin(), heap.end(), lighter);
+    for (; total < target; ++total) {
+      std::pop_heap(heap.begin(), heap.end(), lighter);
+      const int e = heap.back().expert;
+      cnt_[e] += 1;
+      if (cnt_[e] < G_) {
+        heap.back().load = w_[e] / cnt_[e];
+        std::push_heap(heap.begin(), heap.end(), lighter);
+      } else {
+        heap.pop_back();
+      }
     }
   }
   for (int e = 0; e < n_; ++e) q_[e] = w_[e] / cnt_[e];

@@ -16,10 +16,15 @@ class NodePlacement {
   void reset(const double* w, int n, int G, int S);
 
   // Starts from `slots` ([G*S] local ids, -1 = empty; repeats on one GPU are allowed and dropped)
-  // and target copy counts `counts` ([n]; nullptr = greedy largest-load-per-copy replication).
-  // Counts are clamped to [1, G] and brought to G*S total; kept copies stay where they are and
-  // the missing ones are placed heaviest first on the lightest GPU that may take them.
+  // and target copy counts `counts` ([n]; nullptr = all ones). Counts are clamped to [1, G] and
+  // brought to G*S total: missing copies go one by one to the expert with the largest load per
+  // copy (the reference's greedy) or, when `light`, with the smallest load per copy after the
+  // addition. Kept copies stay where they are; the others are placed heaviest first on the
+  // lightest GPU that may take them.
   void build(const int* slots, const int* counts, bool light = false);
+
+  // Sets the placement to `slots` ([G*S], complete and duplicate-free), counts following it.
+  void restore(const std::vector<int>& slots);
 
   // Local search: moves that take load off the heaviest GPU (swaps between GPUs, moving a copy
   // from one expert to another) until none strictly lowers it. Never creates duplicates.
@@ -61,12 +66,6 @@ class NodePlacement {
   bool best_move(int g, Move& move);
   void apply(const Move& move);
   bool random_move(uint64_t& rng);
-  void restore(const std::vector<int>& slots);
-
- public:
-  void restore_from(const std::vector<int>& slots) { restore(slots); }
-
- private:
   bool apply_if_below(const Move& move, double bound);
 
   const double* w_ = nullptr;
