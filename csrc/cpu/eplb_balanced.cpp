@@ -9,9 +9,9 @@ namespace eplb {
 namespace {
 
 // Perturbation rounds for a node that misses its target: about kPerturbSlots / (slots of the
-// node) rounds, within [kMinRounds, kMaxRounds]. Only nodes where DeepSeek's placement repeats an
-// expert on its heaviest GPUs get here, and the search stops as soon as the target is met; where
-// no duplicate-free placement can meet it, this bounds the time (tens of milliseconds at most).
+// node) rounds, within [kMinRounds, kMaxRounds]. Only a node whose DeepSeek placement repeats an
+// expert can miss it, and the search stops as soon as the target is met; where no duplicate-free
+// placement can meet it, this bounds the time (tens of milliseconds at most).
 constexpr int kPerturbSlots = 200000, kMinRounds = 200, kMaxRounds = 5000;
 // The search from an old placement only competes on moving fewer experts; a short one suffices.
 constexpr int kOldRounds = kMinRounds;

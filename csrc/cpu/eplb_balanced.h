@@ -1,5 +1,6 @@
-// The "balanced" policy for one MoE layer: a duplicate-free placement whose heaviest GPU is never
-// heavier than the DeepSeek placement's, optionally kept close to an old placement.
+// The "balanced" policy for one MoE layer: a duplicate-free placement whose heaviest GPU is no
+// heavier than the DeepSeek placement's (guaranteed where that one is duplicate-free, searched
+// for where it is not), optionally kept close to an old placement.
 #pragma once
 
 #include <cstdint>

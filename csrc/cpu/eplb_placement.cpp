@@ -37,7 +37,7 @@ void NodePlacement::reset(const double* w, int n, int G, int S) {
   cnt_.assign(n, 1);
   q_.assign(n, 0.0);
   load_.assign(G, 0.0);
-  has_.assign(static_cast<size_t>(G) * n, 0);
+  has_.assign(static_cast<std::size_t>(G) * n, 0);
 }
 
 void NodePlacement::set_counts(const int* counts, bool light) {
@@ -104,7 +104,7 @@ double NodePlacement::max_load() const { return *std::max_element(load_.begin(),
 
 void NodePlacement::build(const int* slots, const int* counts, bool light) {
   set_counts(counts, light);
-  slot_.assign(slots, slots + static_cast<size_t>(G_) * S_);
+  slot_.assign(slots, slots + static_cast<std::size_t>(G_) * S_);
   std::fill(has_.begin(), has_.end(), 0);
   std::vector<int> kept(n_, 0);
   for (int g = 0; g < G_; ++g) {
