@@ -28,7 +28,10 @@ GLOBAL = [
 ]
 
 
-def random_loads(kind: str, layers: int, experts: int, gen: torch.Generator) -> torch.Tensor:
+def tie_free_loads(kind: str, layers: int, experts: int, gen: torch.Generator) -> torch.Tensor:
+    """Random [layers, experts] loads with no two equal: floats, or distinct integers per layer
+    (sums and per-copy loads derived from integers can still tie; both sides break those ties by
+    the same rule)."""
     if kind == "float":
         return torch.rand(layers, experts, generator=gen) * 1000
     if kind == "lognormal":
@@ -68,7 +71,7 @@ def test_matches_reference(shape, kind):
     experts, replicas, groups, nodes, gpus = shape
     gen = torch.Generator().manual_seed(hash((shape, kind)) % 2**31)
     for layers in (1, 3):
-        weight = random_loads(kind, layers, experts, gen)
+        weight = tie_free_loads(kind, layers, experts, gen)
         assert_same(
             eplb.rebalance_experts(weight, replicas, groups, nodes, gpus),
             reference(weight, replicas, groups, nodes, gpus),
@@ -77,7 +80,7 @@ def test_matches_reference(shape, kind):
 
 def test_deepseek_v3_scale():
     gen = torch.Generator().manual_seed(7)
-    weight = random_loads("lognormal", 6, 256, gen)
+    weight = tie_free_loads("lognormal", 6, 256, gen)
     for config in ((288, 8, 4, 32), (320, 1, 1, 64)):
         assert_same(eplb.rebalance_experts(weight, *config), reference(weight, *config))
 
