@@ -27,8 +27,9 @@ template <typename Body>
 void for_layer_chunks(int64_t num_layers, int64_t slots_per_layer, const Body& body) {
   constexpr int64_t kSlotsPerThread = 2048;
   const int64_t hardware = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t threads = std::max<int64_t>(
-      1, std::min({hardware, int64_t{8}, num_layers, num_layers * slots_per_layer / kSlotsPerThread}));
+  const int64_t by_work = num_layers * slots_per_layer / kSlotsPerThread;
+  const int64_t threads =
+      std::max<int64_t>(1, std::min({hardware, int64_t{8}, num_layers, by_work}));
   std::vector<std::exception_ptr> errors(threads);
   auto run = [&](int64_t k) {
     try {

@@ -26,7 +26,8 @@ std::vector<int> max_weight_assignment(const std::vector<int64_t>& weight, int n
       int next = 0;
       for (int j = 1; j <= n; ++j) {
         if (visited[j]) continue;
-        const int64_t reduced = -weight[static_cast<std::size_t>(r - 1) * n + (j - 1)] - u[r] - v[j];
+        const int64_t cost = -weight[static_cast<std::size_t>(r - 1) * n + (j - 1)];
+        const int64_t reduced = cost - u[r] - v[j];
         if (reduced < min_slack[j]) {
           min_slack[j] = reduced;
           prev_col[j] = col;
@@ -155,14 +156,17 @@ int64_t align_to_old(const int64_t* placement, const int64_t* old, const double*
   for (int64_t p = 0; p < R; ++p) {
     const int64_t e = placement[p];
     const int a = static_cast<int>(p / S);
-    for (int64_t k = start[e]; k < fill[e]; ++k) overlap[static_cast<std::size_t>(a) * G + old_gpus[k]]++;
+    for (int64_t k = start[e]; k < fill[e]; ++k) {
+      overlap[static_cast<std::size_t>(a) * G + old_gpus[k]] += 1;
+    }
   }
 
   // position[a]: the old GPU whose place new GPU a takes. Nodes move as units, so first match
   // GPUs for every (new node, old node) pair, then nodes by the value of those matchings.
   std::vector<int> position(G);
   std::vector<std::vector<int>> inner(static_cast<std::size_t>(N) * N);
-  std::vector<int64_t> node_value(static_cast<std::size_t>(N) * N, 0), sub(static_cast<std::size_t>(Gn) * Gn);
+  std::vector<int64_t> node_value(static_cast<std::size_t>(N) * N, 0);
+  std::vector<int64_t> sub(static_cast<std::size_t>(Gn) * Gn);
   for (int na = 0; na < N; ++na) {
     for (int nb = 0; nb < N; ++nb) {
       for (int i = 0; i < Gn; ++i) {
@@ -174,7 +178,8 @@ int64_t align_to_old(const int64_t* placement, const int64_t* old, const double*
       std::vector<int>& match = inner[static_cast<std::size_t>(na) * N + nb];
       match = max_weight_assignment(sub, Gn);
       for (int i = 0; i < Gn; ++i) {
-        node_value[static_cast<std::size_t>(na) * N + nb] += sub[static_cast<std::size_t>(i) * Gn + match[i]];
+        node_value[static_cast<std::size_t>(na) * N + nb] +=
+            sub[static_cast<std::size_t>(i) * Gn + match[i]];
       }
     }
   }

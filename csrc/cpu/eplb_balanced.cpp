@@ -186,7 +186,8 @@ int64_t balanced_layer(const double* weight, const Shape& shape, const int64_t* 
     }
     if (near <= best) {
       ws.aligned.resize(R);
-      const int64_t near_changed = align_to_old(ws.near.data(), old, weight, shape, ws.aligned.data());
+      const int64_t near_changed =
+          align_to_old(ws.near.data(), old, weight, shape, ws.aligned.data());
       if (near_changed <= changed) {
         std::copy(ws.aligned.begin(), ws.aligned.end(), phy2log);
         changed = near_changed;
