@@ -8,12 +8,11 @@
 // in every lane, so all lanes take the same branches.
 //
 // One warp runs the whole solve, so its time is its instruction count times the latency it
-// cannot hide. Hence: K is inverted explicitly by Gauss-Jordan (same pivots as Cholesky; each
-// step one shared-memory broadcast of the pivot row and one FMA per entry), so both Newton solves
-// of an iteration are matrix-vector products; reciprocals use the hardware approximation plus
+// cannot hide. Hence: lanes beyond the group replicate its ranks, so reductions take log2 of
+// the padded group size in butterfly steps; reciprocals use the hardware approximation plus
 // Newton steps instead of IEEE division; step lengths are maxima of products with those
-// reciprocals. With the slack directions taken from the linear rows (docs/lp.md, step 5) the
-// explicit inverse is as accurate as the factorisation for these systems.
+// reciprocals; K is assembled in shared memory, factored by a shuffle-based Cholesky, and both
+// Newton solves of an iteration run redundantly in every lane from the shared factor.
 #include <cmath>
 
 #include "common.cuh"
@@ -88,22 +87,22 @@ __device__ __forceinline__ void apply_bt(const double (&w)[D], double y, const i
   for (int d = 0; d < D; ++d) out[d] = w[d] * (__shfl_sync(kFullMask, y, o2r[d]) - y);
 }
 
-// Shared memory of one group. `k` holds the normal matrix while it is assembled; the pivot row
-// buffers alternate between Gauss-Jordan steps so one __syncwarp per step suffices.
+// Shared memory of one group: the normal matrix while it is assembled, then its Cholesky factor
+// (row i as kept by lane i in `cholesky`), and the vector of the current solve.
 template <int GP>
 struct __align__(16) Workspace {
   double k[GP][GP];
-  double pivot[2][GP];
-  double vec[GP];     // right-hand side of the current solve
-  double colsum[GP];  // column sums of K^-1: the sum of a solution without a reduction
+  double inv_diag[GP];
+  double vec[GP];
 };
 
-// Copies 16-byte pairs of a shared row into registers (the pivot row and vectors are broadcast:
-// every lane reads the same address).
+// Copies the 16-byte pairs of a shared row that hold entries [lo, GP) into registers (`lo` is
+// a constant after unrolling); rows and vectors are broadcast: every lane reads one address.
 template <int GP>
-__device__ __forceinline__ void load_row(const double* src, double (&dst)[GP]) {
+__device__ __forceinline__ void load_row(const double* src, double (&dst)[GP], int lo = 0) {
 #pragma unroll
   for (int j = 0; j < GP; j += 2) {
+    if (j + 1 < lo) continue;
     const double2 v = reinterpret_cast<const double2*>(src)[j / 2];
     dst[j] = v.x;
     dst[j + 1] = v.y;
@@ -118,67 +117,75 @@ __device__ __forceinline__ void store_row(double* dst, const double (&src)[GP]) 
   }
 }
 
-// In-place Gauss-Jordan inversion of the padded GP x GP matrix; lane i < GP holds row i in
-// `row`, the other lanes a copy of row `rank` = lane % GP.
-// No pivoting: K is symmetric positive definite, and its pivots are those of Cholesky, so a
-// non-positive or non-finite pivot is the factorisation failure of docs/lp.md (returned in every
-// lane). On success `ws.colsum` holds the column sums of the inverse.
+// Cholesky factor K = L L^T of the padded GP x GP matrix; lane i < GP holds row i of K in `row`,
+// the other lanes a copy of row `rank`. Right-looking, with shuffles. Afterwards row i of
+// ws.k holds row i of L left of the diagonal and column i of L right of it, so the forward
+// substitution reads row k right of the diagonal and the backward one row k left of it, both
+// contiguous. Returns false (in every lane) on a non-positive or non-finite pivot.
 template <int GP>
-__device__ __forceinline__ bool invert(double (&row)[GP], Workspace<GP>& ws, int lane,
-                                       int rank) {
+__device__ __forceinline__ bool cholesky(double (&row)[GP], Workspace<GP>& ws, int lane,
+                                         int rank) {
 #pragma unroll
   for (int k = 0; k < GP; ++k) {
-    double* pivot_row = ws.pivot[k % 2];
-    if (lane == k) store_row(pivot_row, row);
-    __syncwarp();
-    double rk[GP];
-    load_row(pivot_row, rk);
-    const double p = rk[k];
-    if (!(p > 0.0) || !isfinite(p)) return false;
-    const double ip = fast_rcp(p);
-    const bool is_pivot = rank == k;
-    // Other rows: row -= (row[k] / p) * pivot row; the pivot row: row *= 1 / p (as a scale,
-    // not as 1 + (1/p - 1), which would cancel for large pivots). Column k becomes
-    // -row[k] / p, the pivot 1 / p.
-    const double f = row[k] * ip;
-    const double m = is_pivot ? ip : 1.0;
-    const double c = is_pivot ? 0.0 : -f;
+    const double pivot = __shfl_sync(kFullMask, row[k], k);
+    if (!(pivot > 0.0) || !isfinite(pivot)) return false;
+    const double inv = rsqrt(pivot);
+    const double lk = row[k] * inv;  // L[rank, k] for ranks below the pivot
+    if (rank > k) row[k] = lk;
+    if (rank == k) row[k] = pivot * inv;
 #pragma unroll
-    for (int j = 0; j < GP; ++j) {
-      if (j != k) row[j] = fma(c, rk[j], row[j] * m);
+    for (int j = k + 1; j < GP; ++j) {
+      const double ljk = __shfl_sync(kFullMask, lk, j);
+      if (rank > k) {
+        row[j] = fma(-lk, ljk, row[j]);
+      } else if (rank == k) {
+        row[j] = ljk;  // the pivot row keeps column k of L
+      }
     }
-    row[k] = is_pivot ? ip : -f;
+    if (lane == 0) ws.inv_diag[k] = inv;
   }
-  // K^-1 is symmetric, so the column sums are the row sums.
-  double sum = 0.0;
-#pragma unroll
-  for (int j = 0; j < GP; ++j) sum += row[j];
-  if (lane < GP) ws.colsum[lane] = sum;
+  __syncwarp();  // every lane has read its row of K (and the last solve its factor)
+  if (lane < GP) store_row(ws.k[lane], row);
   __syncwarp();
   return true;
 }
 
-// v = K^-1 rhs for this lane's row; `total` gets sum(v) from the column sums.
+// Solves K v = rhs (rhs: this lane's entry) with the factor in shared memory. Every lane runs
+// both substitutions redundantly on the whole (small) vector: no communication per step.
+// Returns this lane's entry of v; `total` gets sum(v), consistent with the entries.
 template <int GP>
-__device__ __forceinline__ double solve_inverse(const double (&inv)[GP], Workspace<GP>& ws,
-                                                double rhs, int lane, double& total) {
+__device__ __forceinline__ double cholesky_solve(Workspace<GP>& ws, double rhs, int lane,
+                                                 int rank, double& total) {
   if (lane < GP) ws.vec[lane] = rhs;
   __syncwarp();
-  double b[GP], u[GP];
+  double b[GP], inv_diag[GP];
   load_row(ws.vec, b);
-  load_row(ws.colsum, u);
+  load_row(ws.inv_diag, inv_diag);
   __syncwarp();  // every lane has read ws.vec before the next solve overwrites it
-  // Two partial sums each, for instruction-level parallelism.
-  double v0 = 0.0, v1 = 0.0, t0 = 0.0, t1 = 0.0;
 #pragma unroll
-  for (int j = 0; j < GP; j += 2) {
-    v0 = fma(inv[j], b[j], v0);
-    v1 = fma(inv[j + 1], b[j + 1], v1);
-    t0 = fma(u[j], b[j], t0);
-    t1 = fma(u[j + 1], b[j + 1], t1);
+  for (int k = 0; k < GP; ++k) {
+    double lrow[GP];
+    load_row(ws.k[k], lrow, k + 1);  // entries i > k: L[i][k]
+    b[k] *= inv_diag[k];
+#pragma unroll
+    for (int i = k + 1; i < GP; ++i) b[i] = fma(-lrow[i], b[k], b[i]);
   }
-  total = t0 + t1;
-  return v0 + v1;
+#pragma unroll
+  for (int k = GP - 1; k >= 0; --k) {
+    double lrow[GP];
+    load_row(ws.k[k], lrow);  // entries i < k: L[k][i]
+    b[k] *= inv_diag[k];
+#pragma unroll
+    for (int i = 0; i < k; ++i) b[i] = fma(-lrow[i], b[k], b[i]);
+  }
+  double mine = 0.0;
+  total = 0.0;
+#pragma unroll
+  for (int j = 0; j < GP; ++j) {
+    total += b[j];
+    if (j == rank) mine = b[j];
+  }
+  return mine;
 }
 
 // One Newton direction of a lane: primal (x, w, t, s) and dual (y, zeta_x, nu, zeta_t, zeta_s).
@@ -342,7 +349,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
 
     // Row `lane` of K = B diag(theta_x) B^T + theta_t 1 1^T + diag(theta_s) + reg I, assembled
     // in shared memory (the off-diagonal columns come from r2o / o2r at run time), then
-    // inverted in registers. Padding rows G..GP-1 are identity.
+    // factored in registers. Padding rows G..GP-1 are identity.
     double row[GP];
 #pragma unroll
     for (int j = 0; j < GP; ++j) row[j] = act && j < G ? tht : (j == rank ? 1.0 : 0.0);
@@ -359,7 +366,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     }
     __syncwarp();
     load_row(ws.k[rank], row);
-    if (!invert(row, ws, lane, rank)) break;
+    if (!cholesky(row, ws, lane, rank)) break;
 
     auto direction = [&](const double(&rzx)[D], double rzt, double rzs, const double(&rwn)[D],
                          Direction<D>& dd) {
@@ -374,7 +381,7 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
       double rhs = rp + apply_b(W, vx, r2o) + tht * ht - ths * hs;
       if (!act) rhs = 0.0;  // padding rows of K are identity: their entries of dy stay 0
       double sum_dy;
-      dd.y = solve_inverse(row, ws, rhs, lane, sum_dy);
+      dd.y = cholesky_solve(ws, rhs, lane, rank, sum_dy);
       double mty[D];
       apply_bt(W, dd.y, o2r, mty);
 #pragma unroll
