@@ -3,8 +3,10 @@
 // floor((k + 1) x + 0.5) > floor(k x + 0.5), x = the original's share (docs/lp.md). The global
 // order comes from count_idx's exclusive prefix over chunks, so every block works on its own
 // chunk with no inter-block synchronisation, and the result is deterministic:
-//   pass 1: each warp counts the replicated experts of its contiguous sub-chunk (shared memory);
-//   scan:   per expert, exclusive prefix over warps, offset by the block's workload_by_sm row;
+//   pass 1: each warp counts the experts of its contiguous sub-chunk (shared memory), keeping
+//           the first tokens in registers for pass 2;
+//   scan:   per replicated expert, exclusive prefix over warps, offset by the block's
+//           workload_by_sm row;
 //   pass 2: each warp walks its sub-chunk in order, 32 tokens at a time, ranking equal experts
 //           inside the warp with __match_any_sync and advancing its private running counts.
 #include "common.cuh"
@@ -13,9 +15,11 @@
 namespace lplb {
 namespace {
 
-constexpr int kMaxMapWarps = 32;
+constexpr int kMaxMapWarps = 16;
 constexpr int kMapSmemBudget = 48 * 1024;  // default dynamic shared-memory limit, no opt-in
-constexpr int kMapUnroll = 4;              // batches of 32 tokens loaded before use
+// Batches of 32 tokens a warp keeps in registers from pass 1 to pass 2 (16 x 32 x 16 warps =
+// 8192 tokens per block); longer sub-chunks re-read the rest.
+constexpr int kMapBatches = 16;
 
 // Shared memory per logical expert: share (double) + (original, replica) slots (int2).
 constexpr int kPerExpertBytes = sizeof(double) + sizeof(int2);
@@ -35,42 +39,53 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
   const int warps = blockDim.x / 32;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  for (int e = threadIdx.x; e < n_logical; e += blockDim.x) {
-    const int pi = prob_index[e];
-    share[e] = pi >= 0 && pi < n_probs ? static_cast<double>(probs[pi]) : -1.0;
-    phys[e] = make_int2(log2phy[2 * e], log2phy[2 * e + 1]);
-  }
-  for (int i = threadIdx.x; i < warps * n_logical; i += blockDim.x) counts[i] = 0;
-  __syncthreads();
+  const std::int32_t* prefix = workload_by_sm + std::int64_t{blockIdx.x} * n_logical;
 
+  // Every global load that nothing else waits for is issued first, so that the latencies of
+  // the per-expert inputs and of the tokens overlap instead of adding up.
+  const int e0 = threadIdx.x;
+  int pi0 = -1, prefix0 = 0;
+  int2 slots0 = make_int2(-1, -1);
+  if (e0 < n_logical) {
+    pi0 = prob_index[e0];
+    slots0 = make_int2(log2phy[2 * e0], log2phy[2 * e0 + 1]);
+    prefix0 = prefix[e0];
+  }
   const std::int64_t begin = blockIdx.x * chunk;
   const std::int64_t end = begin + chunk < n ? begin + chunk : n;
   const std::int64_t len = end > begin ? end - begin : 0;
   const std::int64_t sub = (len + warps - 1) / warps;
   const std::int64_t wbegin = begin + warp * sub;
   const std::int64_t wend = wbegin + sub < end ? wbegin + sub : end;
-  int* my_counts = counts + warp * n_logical;
-
-  for (std::int64_t base = wbegin; base < wend; base += 32 * kMapUnroll) {
-    T v[kMapUnroll];
+  T held[kMapBatches];
 #pragma unroll
-    for (int u = 0; u < kMapUnroll; ++u) {
-      const std::int64_t i = base + 32 * u + lane;
-      v[u] = i < wend ? __ldg(idx + i) : T(-1);
-    }
-#pragma unroll
-    for (int u = 0; u < kMapUnroll; ++u) {
-      if (v[u] >= 0 && v[u] < n_logical && share[v[u]] >= 0.0) {
-        atomicAdd(&my_counts[static_cast<int>(v[u])], 1);
-      }
-    }
+  for (int u = 0; u < kMapBatches; ++u) {
+    const std::int64_t i = wbegin + 32 * u + lane;
+    held[u] = i < wend ? __ldg(idx + i) : T(-1);
   }
+  for (int i = threadIdx.x; i < warps * n_logical; i += blockDim.x) counts[i] = 0;
   __syncthreads();
 
-  const std::int32_t* prefix = workload_by_sm + std::int64_t{blockIdx.x} * n_logical;
+  // Pass 1: per-warp counts of every valid expert in the warp's sub-chunk.
+  int* my_counts = counts + warp * n_logical;
+  auto count = [&](T v) {
+    if (v >= 0 && v < n_logical) atomicAdd(&my_counts[static_cast<int>(v)], 1);
+  };
+#pragma unroll
+  for (int u = 0; u < kMapBatches; ++u) count(held[u]);
+  for (std::int64_t i = wbegin + 32 * kMapBatches + lane; i < wend; i += 32) count(__ldg(idx + i));
+  __syncthreads();
+
+  // Per expert: its share and slots into shared memory, and for replicated experts the
+  // exclusive prefix over warps, offset by the block's workload_by_sm row.
   for (int e = threadIdx.x; e < n_logical; e += blockDim.x) {
-    if (share[e] < 0.0) continue;
-    int run = prefix[e];
+    const bool first = e == e0;
+    const int pi = first ? pi0 : prob_index[e];
+    const double x = pi >= 0 && pi < n_probs ? static_cast<double>(probs[pi]) : -1.0;
+    share[e] = x;
+    phys[e] = first ? slots0 : make_int2(log2phy[2 * e], log2phy[2 * e + 1]);
+    if (x < 0.0) continue;
+    int run = first ? prefix0 : prefix[e];
     for (int w = 0; w < warps; ++w) {
       const int c = counts[w * n_logical + e];
       counts[w * n_logical + e] = run;
@@ -79,45 +94,45 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
   }
   __syncthreads();
 
+  // Pass 2: each warp walks its sub-chunk in order, 32 tokens at a time.
   const unsigned lower_lanes = (1u << lane) - 1u;
-  for (std::int64_t base = wbegin; base < wend; base += 32 * kMapUnroll) {
-    T v[kMapUnroll];
-#pragma unroll
-    for (int u = 0; u < kMapUnroll; ++u) {
-      const std::int64_t i = base + 32 * u + lane;
-      v[u] = i < wend ? __ldg(idx + i) : T(-1);
-    }
-#pragma unroll
-    for (int u = 0; u < kMapUnroll; ++u) {
-      const std::int64_t i = base + 32 * u + lane;
-      const bool valid = v[u] >= 0 && v[u] < n_logical;
-      const int e = valid ? static_cast<int>(v[u]) : 0;
-      const double x = valid ? share[e] : -1.0;
-      const bool replicated = x >= 0.0;
-      // Lanes without a replicated expert get distinct negative keys so they match nobody.
-      const unsigned group = __match_any_sync(kFullMask, replicated ? e : -1 - lane);
-      int k = 0;
-      if (replicated) k = my_counts[e] + __popc(group & lower_lanes);
-      __syncwarp();
-      // The highest lane of each group advances the warp's running count past the group.
-      if (replicated && (group >> lane) == 1u) my_counts[e] = k + 1;
-      __syncwarp();
-      if (i >= wend) continue;
-      T target = T(-1);
-      if (valid) {
-        const int2 slots = phys[e];
-        target = slots.x;
-        if (replicated) {
-          // Separate round-to-nearest multiply and add (no FMA contraction): the CPU reference
-          // evaluates the same two roundings, and the decision must match it bit for bit.
-          const double kd = static_cast<double>(k);
-          const double lo = floor(__dadd_rn(__dmul_rn(kd, x), 0.5));
-          const double hi = floor(__dadd_rn(__dmul_rn(kd + 1.0, x), 0.5));
-          target = hi > lo ? slots.x : slots.y;
-        }
+  auto route = [&](T v, std::int64_t i) {
+    const bool valid = v >= 0 && v < n_logical;
+    const int e = valid ? static_cast<int>(v) : 0;
+    const double x = valid ? share[e] : -1.0;
+    const bool replicated = x >= 0.0;
+    // Lanes without a replicated expert get distinct negative keys so they match nobody.
+    const unsigned group = __match_any_sync(kFullMask, replicated ? e : -1 - lane);
+    int k = 0;
+    if (replicated) k = my_counts[e] + __popc(group & lower_lanes);
+    __syncwarp();
+    // The highest lane of each group advances the warp's running count past the group.
+    if (replicated && (group >> lane) == 1u) my_counts[e] = k + 1;
+    __syncwarp();
+    if (i >= wend) return;
+    T target = T(-1);
+    if (valid) {
+      const int2 slots = phys[e];
+      target = slots.x;
+      if (replicated) {
+        // Separate round-to-nearest multiply and add (no FMA contraction): the CPU reference
+        // evaluates the same two roundings, and the decision must match it bit for bit.
+        const double kd = static_cast<double>(k);
+        const double lo = floor(__dadd_rn(__dmul_rn(kd, x), 0.5));
+        const double hi = floor(__dadd_rn(__dmul_rn(kd + 1.0, x), 0.5));
+        target = hi > lo ? slots.x : slots.y;
       }
-      out[i] = target;
     }
+    out[i] = target;
+  };
+#pragma unroll
+  for (int u = 0; u < kMapBatches; ++u) {
+    if (wbegin + 32 * u >= wend) break;  // uniform across the warp
+    route(held[u], wbegin + 32 * u + lane);
+  }
+  for (std::int64_t base = wbegin + 32 * kMapBatches; base < wend; base += 32) {
+    const std::int64_t i = base + lane;
+    route(i < wend ? __ldg(idx + i) : T(-1), i);
   }
 }
 
