@@ -15,14 +15,15 @@
 namespace lplb {
 namespace {
 
-constexpr int kMaxMapWarps = 16;
+constexpr int kMaxMapWarps = 32;
 constexpr int kMapSmemBudget = 48 * 1024;  // default dynamic shared-memory limit, no opt-in
-// Batches of 32 tokens a warp keeps in registers from pass 1 to pass 2 (16 x 32 x 16 warps =
+// Batches of 32 tokens a warp keeps in registers from pass 1 to pass 2 (8 x 32 x 32 warps =
 // 8192 tokens per block); longer sub-chunks re-read the rest.
-constexpr int kMapBatches = 16;
+constexpr int kMapBatches = 8;
 
-// Shared memory per logical expert: share (double) + (original, replica) slots (int2).
-constexpr int kPerExpertBytes = sizeof(double) + sizeof(int2);
+// Shared memory per logical expert, one 16-byte load per token: the share as float bits, the
+// original's and the replica's physical slots, and whether the expert is replicated.
+constexpr int kPerExpertBytes = sizeof(int4);
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxMapWarps * 32)
@@ -32,9 +33,8 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
                    const std::int32_t* __restrict__ log2phy,
                    const std::int32_t* __restrict__ prob_index) {
   extern __shared__ __align__(16) unsigned char smem[];
-  double* share = reinterpret_cast<double*>(smem);  // [E]; < 0 when not replicated
-  int2* phys = reinterpret_cast<int2*>(share + n_logical);  // [E] (original, replica)
-  int* counts = reinterpret_cast<int*>(phys + n_logical);   // [warps, E]
+  int4* experts = reinterpret_cast<int4*>(smem);  // [E] (share, original, replica, replicated)
+  int* counts = reinterpret_cast<int*>(experts + n_logical);  // [warps, E]
 
   const int warps = blockDim.x / 32;
   const int warp = threadIdx.x / 32;
@@ -81,10 +81,11 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
   for (int e = threadIdx.x; e < n_logical; e += blockDim.x) {
     const bool first = e == e0;
     const int pi = first ? pi0 : prob_index[e];
-    const double x = pi >= 0 && pi < n_probs ? static_cast<double>(probs[pi]) : -1.0;
-    share[e] = x;
-    phys[e] = first ? slots0 : make_int2(log2phy[2 * e], log2phy[2 * e + 1]);
-    if (x < 0.0) continue;
+    const bool replicated = pi >= 0 && pi < n_probs;
+    const float x = replicated ? probs[pi] : 0.0f;
+    const int2 slots = first ? slots0 : make_int2(log2phy[2 * e], log2phy[2 * e + 1]);
+    experts[e] = make_int4(__float_as_int(x), slots.x, slots.y, replicated);
+    if (!replicated) continue;
     int run = first ? prefix0 : prefix[e];
     for (int w = 0; w < warps; ++w) {
       const int c = counts[w * n_logical + e];
@@ -99,8 +100,9 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
   auto route = [&](T v, std::int64_t i) {
     const bool valid = v >= 0 && v < n_logical;
     const int e = valid ? static_cast<int>(v) : 0;
-    const double x = valid ? share[e] : -1.0;
-    const bool replicated = x >= 0.0;
+    const int4 info = experts[e];
+    const double x = static_cast<double>(__int_as_float(info.x));  // exact widening
+    const bool replicated = valid && info.w != 0;
     // Lanes without a replicated expert get distinct negative keys so they match nobody.
     const unsigned group = __match_any_sync(kFullMask, replicated ? e : -1 - lane);
     int k = 0;
@@ -112,15 +114,14 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
     if (i >= wend) return;
     T target = T(-1);
     if (valid) {
-      const int2 slots = phys[e];
-      target = slots.x;
+      target = info.y;
       if (replicated) {
         // Separate round-to-nearest multiply and add (no FMA contraction): the CPU reference
         // evaluates the same two roundings, and the decision must match it bit for bit.
         const double kd = static_cast<double>(k);
         const double lo = floor(__dadd_rn(__dmul_rn(kd, x), 0.5));
         const double hi = floor(__dadd_rn(__dmul_rn(kd + 1.0, x), 0.5));
-        target = hi > lo ? slots.x : slots.y;
+        target = hi > lo ? info.y : info.z;
       }
     }
     out[i] = target;
