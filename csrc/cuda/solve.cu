@@ -118,13 +118,48 @@ __device__ __forceinline__ void store_row(double* dst, const double (&src)[GP]) 
 }
 
 // Cholesky factor K = L L^T of the padded GP x GP matrix; lane i < GP holds row i of K in `row`,
-// the other lanes a copy of row `rank`. Right-looking, with shuffles. Afterwards row i of
+// the other lanes a copy of row `rank`. Right-looking, with shuffles (for GP <= 8: redundantly
+// in every lane, from shared memory). Afterwards row i of
 // ws.k holds row i of L left of the diagonal and column i of L right of it, so the forward
 // substitution reads row k right of the diagonal and the backward one row k left of it, both
 // contiguous. Returns false (in every lane) on a non-positive or non-finite pivot.
 template <int GP>
 __device__ __forceinline__ bool cholesky(double (&row)[GP], Workspace<GP>& ws, int lane,
                                          int rank) {
+  if constexpr (GP <= 8) {
+    // Small matrices: every lane factors the whole matrix in registers, which takes the
+    // shuffles off the pivot chain; lane 0 publishes the factor in the same layout.
+    double a[GP][GP];
+#pragma unroll
+    for (int i = 0; i < GP; ++i) load_row(ws.k[i], a[i]);
+    double inv_diag[GP];
+#pragma unroll
+    for (int k = 0; k < GP; ++k) {
+      const double pivot = a[k][k];
+      if (!(pivot > 0.0) || !isfinite(pivot)) return false;
+      inv_diag[k] = rsqrt(pivot);
+#pragma unroll
+      for (int i = k + 1; i < GP; ++i) a[i][k] *= inv_diag[k];
+#pragma unroll
+      for (int i = k + 1; i < GP; ++i) {
+#pragma unroll
+        for (int j = k + 1; j <= i; ++j) a[i][j] = fma(-a[i][k], a[j][k], a[i][j]);
+      }
+    }
+    __syncwarp();  // every lane has read K (and the last solve the previous factor)
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < GP; ++i) {
+        double out[GP];
+#pragma unroll
+        for (int j = 0; j < GP; ++j) out[j] = j < i ? a[i][j] : (j > i ? a[j][i] : 0.0);
+        store_row(ws.k[i], out);
+      }
+      store_row(ws.inv_diag, inv_diag);
+    }
+    __syncwarp();
+    return true;
+  }
 #pragma unroll
   for (int k = 0; k < GP; ++k) {
     const double pivot = __shfl_sync(kFullMask, row[k], k);
