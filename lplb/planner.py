@@ -176,6 +176,12 @@ class Planner:
         self.phy2log, self.log2phy, self.logcnt = phy2log, log2phy, logcnt
         self.prob_index = prob_index
         self._maps = {}
+        if torch.cuda.is_available():
+            # Copy the maps to the current GPU now, so that the first `run` there neither
+            # synchronises nor breaks a CUDA graph capture with a host-to-device copy.
+            device = torch.device("cuda", torch.cuda.current_device())
+            self._device_maps(device)
+            self._error_flag(device)
         return phy2log, log2phy, logcnt
 
     def _device_maps(self, device: torch.device) -> _DeviceMaps:
