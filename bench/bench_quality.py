@@ -29,17 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from lp_oracle import KINDS, lp_loads, optimal_max_load, random_workloads  # noqa: E402
+from lplb_cases import N_LOGICAL, REDUNDANCY_CONFIGS, stack_layouts  # noqa: E402
 
-from lplb import CUBE_8P2E, HYPERCUBE_16P2E, RING_8P, Planner, reference, torus_2d  # noqa: E402
+from lplb import Planner, reference  # noqa: E402
 
-N_LOGICAL = 256
-TOPOLOGIES = [
-    ("CUBE_8P2E", CUBE_8P2E, 32),
-    ("CUBE_8P2E", CUBE_8P2E, 64),
-    ("HYPERCUBE_16P2E", HYPERCUBE_16P2E, 16),
-    ("RING_8P", RING_8P, 32),
-    ("torus_2d(8,4)", torus_2d(8, 4), 32),
-]
 DRAWS_PER_HISTORY = 5
 
 
@@ -47,10 +40,8 @@ def _stacked_sets(
     planner: Planner, workloads: np.ndarray, phy2logs: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """W [K * n_group, G, D] and F [K * n_group, G] of workload i on layout i, for all i."""
-    offsets = torch.arange(len(phy2logs))[:, None] * N_LOGICAL
     return reference.group_loads(
-        torch.from_numpy(workloads).reshape(-1),
-        (torch.stack(phy2logs) + offsets).reshape(-1),
+        *stack_layouts(workloads, phy2logs),
         planner.group_size,
         planner.n_sets,
         planner.n_local_logical,
@@ -145,10 +136,9 @@ def main() -> None:
         parser.error(f"--workloads must be >= {DRAWS_PER_HISTORY * len(KINDS)} (every model)")
 
     rows = []
-    for name, r2o, ep in TOPOLOGIES:
-        for k in range(r2o.shape[1], 5, r2o.shape[1]):
-            res = bench_config(r2o, ep, k, args.workloads, args.seed + 100 * ep + k)
-            rows.append({"topology": name, **res})
+    for name, r2o, ep, k in REDUNDANCY_CONFIGS:
+        res = bench_config(r2o, ep, k, args.workloads, args.seed + 100 * ep + k)
+        rows.append({"topology": name, **res})
 
     columns = ["none", "reorder", "lplb", "lplb+reorder", "optimum"]
     for kind in KINDS:

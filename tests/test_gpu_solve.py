@@ -4,28 +4,22 @@ thousands of random groups per topology and on edge cases."""
 import numpy as np
 import pytest
 import torch
-from lp_oracle import lp_loads, optimal_max_load, random_workloads, set_loads
+from lp_oracle import lp_loads, optimal_max_load, random_workloads
+from lplb_cases import (
+    N_LOGICAL,
+    REDUNDANCY_CONFIGS,
+    plain_and_reordered,
+    stack_layouts,
+    stacked_loads,
+)
 
-from lplb import CUBE_8P2E, HYPERCUBE_16P2E, RING_8P, Planner, torus_2d
+from lplb import CUBE_8P2E, HYPERCUBE_16P2E, Planner
 
 pytestmark = pytest.mark.gpu
 
-N_LOGICAL = 256
 CUDA = torch.device("cuda")
-TOPOLOGIES = [
-    ("cube-ep32", CUBE_8P2E, 32),
-    ("cube-ep64", CUBE_8P2E, 64),
-    ("hypercube-ep16", HYPERCUBE_16P2E, 16),
-    ("ring-ep32", RING_8P, 32),
-    ("torus8x4-ep32", torus_2d(8, 4), 32),
-]
-# Redundant slots per rank k = 1..4 where the topology's D divides k.
-CONFIGS = [
-    pytest.param(r2o, ep, k, id=f"{name}-k{k}")
-    for name, r2o, ep in TOPOLOGIES
-    for k in range(1, 5)
-    if k % r2o.shape[1] == 0
-]
+# (r2o, ep_size, redundant slots per rank k), ids like CUBE_8P2E-ep32-k2.
+CONFIGS = [pytest.param(r2o, ep, k, id=f"{n}-ep{ep}-k{k}") for n, r2o, ep, k in REDUNDANCY_CONFIGS]
 N_PLAIN = 500  # workloads on the identity layout
 N_HISTORIES, N_PER_HISTORY = 25, 20  # workloads on layouts reordered by a load history
 
@@ -51,26 +45,10 @@ def _solve_both(planner: Planner, workload: torch.Tensor, phy2log: torch.Tensor)
     return tuple(results)
 
 
-def _stack(workloads: np.ndarray, phy2logs: list[torch.Tensor]) -> tuple:
-    """Workload i with its layout becomes the groups of EP copy i: one call solves them all."""
-    offsets = torch.arange(len(phy2logs))[:, None] * N_LOGICAL
-    phy2log = (torch.stack(phy2logs) + offsets).reshape(-1)
-    return torch.from_numpy(workloads).reshape(-1), phy2log
-
-
-def _loads(planner: Planner, workloads: np.ndarray, phy2logs: list[torch.Tensor]) -> tuple:
-    layout = (planner.group_size, planner.n_sets, planner.n_local_logical)
-    layout += (planner.n_local_routed, planner.n_combined)
-    parts = [set_loads(workloads[i : i + 1], p.numpy(), *layout) for i, p in enumerate(phy2logs)]
-    w = np.concatenate([pw for pw, _ in parts]).reshape(-1, *planner.r2o.shape)
-    f = np.concatenate([pf for _, pf in parts]).reshape(-1, planner.r2o.shape[0])
-    return w, f
-
-
 def _check(planner: Planner, workloads: np.ndarray, phy2logs: list[torch.Tensor]) -> None:
-    workload, phy2log = _stack(workloads, phy2logs)
+    workload, phy2log = stack_layouts(workloads, phy2logs)
     gpu, solved_gpu, cpu, solved_cpu = _solve_both(planner, workload, phy2log)
-    w, f = _loads(planner, workloads, phy2logs)
+    w, f = stacked_loads(planner, workloads, phy2logs)
     r2o = planner.r2o.numpy()
     ours = lp_loads(w, f, gpu, r2o).max(-1)
     theirs = lp_loads(w, f, cpu, r2o).max(-1)
@@ -86,12 +64,7 @@ def _check(planner: Planner, workloads: np.ndarray, phy2logs: list[torch.Tensor]
 def test_solve_matches_reference_and_optimum(r2o: torch.Tensor, ep: int, k: int) -> None:
     rng = np.random.default_rng(7000 + 100 * ep + 10 * k + r2o.shape[0])
     planner = Planner(r2o, N_LOGICAL + k * ep, N_LOGICAL, ep_size=ep)
-    identity = planner.update_redundancy_mapping()[0]
-    plain = random_workloads(rng, N_PLAIN, N_LOGICAL)[:, 0]
-    drawn = random_workloads(rng, N_HISTORIES, N_LOGICAL, n_draws=1 + N_PER_HISTORY)
-    reordered = [planner.update_redundancy_mapping(torch.from_numpy(h[0]))[0] for h in drawn]
-    workloads = np.concatenate([plain, drawn[:, 1:].reshape(-1, N_LOGICAL)])
-    phy2logs = [identity] * N_PLAIN + [p for p in reordered for _ in range(N_PER_HISTORY)]
+    workloads, phy2logs = plain_and_reordered(planner, rng, N_PLAIN, N_HISTORIES, N_PER_HISTORY)
     _check(planner, workloads, phy2logs)
 
 
@@ -124,7 +97,7 @@ def test_solve_workload_dtypes(dtype: torch.dtype) -> None:
     workload = torch.from_numpy(random_workloads(np.random.default_rng(3), 1, N_LOGICAL)[0, 0])
     gpu, solved_gpu, cpu, solved_cpu = _solve_both(planner, workload.to(dtype), planner.phy2log)
     assert solved_gpu == solved_cpu == planner.n_group
-    w, f = _loads(planner, workload.numpy()[None], [planner.phy2log])
+    w, f = stacked_loads(planner, workload.numpy()[None], [planner.phy2log])
     r2o = planner.r2o.numpy()
     np.testing.assert_allclose(lp_loads(w, f, gpu, r2o), lp_loads(w, f, cpu, r2o), rtol=1e-4)
 

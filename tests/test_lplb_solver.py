@@ -3,25 +3,19 @@
 import numpy as np
 import pytest
 import torch
-from lp_oracle import lp_loads, optimal_max_load, random_workloads, set_loads
+from lp_oracle import lp_loads, optimal_max_load, random_workloads
+from lplb_cases import (
+    N_LOGICAL,
+    REDUNDANCY_CONFIGS,
+    plain_and_reordered,
+    stack_layouts,
+    stacked_loads,
+)
 
 from lplb import CUBE_8P2E, HYPERCUBE_16P2E, RING_8P, Planner, reference, torus_2d
 
-N_LOGICAL = 256
-# (name, topology, ep_size); redundant slots per rank k = 1..4 where D divides k.
-TOPOLOGIES = [
-    ("cube-ep32", CUBE_8P2E, 32),
-    ("cube-ep64", CUBE_8P2E, 64),
-    ("hypercube-ep16", HYPERCUBE_16P2E, 16),
-    ("ring-ep32", RING_8P, 32),
-    ("torus8x4-ep32", torus_2d(8, 4), 32),
-]
-CONFIGS = [
-    pytest.param(r2o, ep, k, id=f"{name}-k{k}")
-    for name, r2o, ep in TOPOLOGIES
-    for k in range(1, 5)
-    if k % r2o.shape[1] == 0
-]
+# (r2o, ep_size, redundant slots per rank k), ids like CUBE_8P2E-ep32-k2.
+CONFIGS = [pytest.param(r2o, ep, k, id=f"{n}-ep{ep}-k{k}") for n, r2o, ep, k in REDUNDANCY_CONFIGS]
 N_PLAIN = 500  # workloads on the identity layout
 N_HISTORIES, N_PER_HISTORY = 50, 10  # workloads on layouts reordered by a load history
 
@@ -31,13 +25,11 @@ def _solve_stacked(planner: Planner, workloads: np.ndarray, phy2logs: list[torch
 
     Returns probs [K, n_group, G, D] float32 and the avail_counter value.
     """
-    n_work = workloads.shape[0]
-    offsets = torch.arange(n_work)[:, None] * N_LOGICAL
-    phy2log = (torch.stack(phy2logs) + offsets).reshape(-1).to(torch.int32)
+    workload, phy2log = stack_layouts(workloads, phy2logs)
     counter = torch.zeros(1, dtype=torch.int64)
     probs = torch.ops.lplb.solve(
-        torch.from_numpy(workloads).reshape(-1),
-        phy2log,
+        workload,
+        phy2log.to(torch.int32),
         planner.r2o.to(torch.int32),
         planner.o2r.to(torch.int32),
         counter,
@@ -45,29 +37,19 @@ def _solve_stacked(planner: Planner, workloads: np.ndarray, phy2logs: list[torch
         planner.n_local_routed,
         planner.n_combined,
     )
-    return probs.view(n_work, planner.n_group, planner.group_size, planner.n_sets), int(counter)
+    shape = (len(workloads), planner.n_group, planner.group_size, planner.n_sets)
+    return probs.view(shape), int(counter)
 
 
 @pytest.mark.parametrize(("r2o", "ep", "k"), CONFIGS)
 def test_max_load_matches_highs_optimum(r2o: torch.Tensor, ep: int, k: int) -> None:
     rng = np.random.default_rng(1000 * ep + 10 * k + r2o.shape[0])
     planner = Planner(r2o, N_LOGICAL + k * ep, N_LOGICAL, ep_size=ep)
-    identity = planner.update_redundancy_mapping()[0]
-    plain = random_workloads(rng, N_PLAIN, N_LOGICAL)[:, 0]
-    drawn = random_workloads(rng, N_HISTORIES, N_LOGICAL, n_draws=1 + N_PER_HISTORY)
-    reordered = [planner.update_redundancy_mapping(torch.from_numpy(h[0]))[0] for h in drawn]
-    workloads = np.concatenate([plain, drawn[:, 1:].reshape(-1, N_LOGICAL)])
-    phy2logs = [identity] * N_PLAIN + [p for p in reordered for _ in range(N_PER_HISTORY)]
+    workloads, phy2logs = plain_and_reordered(planner, rng, N_PLAIN, N_HISTORIES, N_PER_HISTORY)
 
     probs, solved = _solve_stacked(planner, workloads, phy2logs)
 
-    layout = (planner.group_size, planner.n_sets, planner.n_local_logical)
-    layout += (planner.n_local_routed, planner.n_combined)
-    loads = [
-        set_loads(workloads[i : i + 1], phy2logs[i].numpy(), *layout) for i in range(len(workloads))
-    ]
-    w = np.concatenate([wl for wl, _ in loads]).reshape(-1, *r2o.shape)
-    f = np.concatenate([fl for _, fl in loads]).reshape(-1, r2o.shape[0])
+    w, f = stacked_loads(planner, workloads, phy2logs)
     x = probs.reshape(-1, *r2o.shape).double().numpy()
     ours = lp_loads(w, f, x, r2o.numpy()).max(-1)
     best = optimal_max_load(w, f, r2o.numpy())
@@ -128,16 +110,7 @@ def _planner_solve(planner: Planner, workload: torch.Tensor, **kwargs) -> tuple[
 
 
 def _check_against_highs(planner: Planner, workload: torch.Tensor, probs: torch.Tensor) -> None:
-    w, f = set_loads(
-        workload.numpy()[None],
-        planner.phy2log.numpy(),
-        planner.group_size,
-        planner.n_sets,
-        planner.n_local_logical,
-        planner.n_local_routed,
-        planner.n_combined,
-    )
-    w, f = w[0], f[0]
+    w, f = stacked_loads(planner, workload.numpy()[None], [planner.phy2log])
     ours = lp_loads(w, f, probs.double().numpy(), planner.r2o.numpy()).max(-1)
     best = optimal_max_load(w, f, planner.r2o.numpy())
     np.testing.assert_allclose(ours, best, rtol=1e-6)
