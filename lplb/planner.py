@@ -58,7 +58,8 @@ class Planner:
 
     Args:
         redundant_to_original: [group_size, D] integer topology (lplb.topology): rank r's d-th
-            redundant slot set holds copies of rank r2o[r, d]'s d-th replicated set.
+            redundant slot set holds copies of rank r2o[r, d]'s d-th replicated set. Its device
+            is where the public maps (r2o, o2r, phy2log, log2phy, logcnt) are kept.
         n_routed_experts: physical experts R over all EP ranks (originals + copies).
         n_logical_routed_experts: logical experts E.
         ep_size: EP ranks; defaults to group.size() if a group is given, else group_size.
@@ -108,10 +109,15 @@ class Planner:
         self.n_local_logical = n_local_logical
         self.n_combined = n_redundant // n_sets
         self.n_group = ep_size // group_size
-        self.r2o = redundant_to_original.detach().to("cpu", torch.int64)
-        self.o2r = torch.empty_like(self.r2o)
+        # Public maps live on r2o's device, like DeepSeek LPLB's (which keeps them on the GPU);
+        # the layout itself is computed from these CPU copies.
+        self.device = redundant_to_original.device
+        self._r2o = redundant_to_original.detach().to("cpu", torch.int64)
+        self._o2r = torch.empty_like(self._r2o)
         for d in range(n_sets):
-            self.o2r[self.r2o[:, d], d] = torch.arange(group_size)
+            self._o2r[self._r2o[:, d], d] = torch.arange(group_size)
+        self.r2o = self._r2o.to(self.device)
+        self.o2r = self._o2r.to(self.device)
         self._maps: dict[torch.device, _DeviceMaps] = {}
         self._error_flags: dict[torch.device, torch.Tensor] = {}
         self._n_sms: dict[torch.device, int] = {}
@@ -131,7 +137,7 @@ class Planner:
         Args:
             workload: optional [E] load history (any int/float dtype, any device).
 
-        Returns:
+        Returns (on the device of the Planner's r2o, also kept as attributes):
             phy2log: [R] int64 logical expert of each physical slot.
             log2phy: [E, 2] int64 physical slots of each expert, original first, -1 padded.
             logcnt: [E] int64 number of physical copies (1 or 2).
@@ -154,7 +160,7 @@ class Planner:
 
         ranks = torch.arange(ep)
         # Global rank holding the original of rank r's d-th redundant set: [ep, D].
-        source = (ranks // self.group_size * self.group_size)[:, None] + self.r2o[
+        source = (ranks // self.group_size * self.group_size)[:, None] + self._r2o[
             ranks % self.group_size
         ]
         rep_slot = torch.arange(n_rep).view(self.n_combined, self.n_sets)
@@ -173,8 +179,9 @@ class Planner:
             ranks[:, None] * self.n_sets + torch.arange(n_rep) % self.n_sets
         ).reshape(-1)
 
-        self.phy2log, self.log2phy, self.logcnt = phy2log, log2phy, logcnt
-        self.prob_index = prob_index
+        self.phy2log, self.log2phy, self.logcnt, self.prob_index = (
+            t.to(self.device) for t in (phy2log, log2phy, logcnt, prob_index)
+        )
         self._maps = {}
         if torch.cuda.is_available():
             # Copy the maps to the current GPU now, so that the first `run` there neither
@@ -182,7 +189,32 @@ class Planner:
             device = torch.device("cuda", torch.cuda.current_device())
             self._device_maps(device)
             self._error_flag(device)
-        return phy2log, log2phy, logcnt
+        return self.phy2log, self.log2phy, self.logcnt
+
+    # DeepSeek LPLB's names for the layout sizes, so that code written for it runs unchanged.
+    @property
+    def n_routed_experts(self) -> int:
+        return self.n_routed
+
+    @property
+    def n_logical_routed_experts(self) -> int:
+        return self.n_logical
+
+    @property
+    def n_local_routed_experts(self) -> int:
+        return self.n_local_routed
+
+    @property
+    def n_local_logical_routed_experts(self) -> int:
+        return self.n_local_logical
+
+    @property
+    def num_redundants(self) -> int:
+        return self.n_sets
+
+    @property
+    def combined_redundant_experts(self) -> int:
+        return self.n_combined
 
     def _device_maps(self, device: torch.device) -> _DeviceMaps:
         maps = self._maps.get(device)
