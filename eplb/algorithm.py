@@ -4,8 +4,8 @@
 (csrc/cpu/eplb*.cpp), which runs the per-layer algorithms.
 
 * ``policy="deepseek"`` (default) reproduces deepseek-ai/EPLB ``eplb.rebalance_experts``: the same
-  float32 arithmetic in the same order, so the outputs are identical (ties between equal loads go
-  to the lower index, as a stable sort would).
+  float32 arithmetic in the same order and the same sort as torch's, so the outputs are
+  identical, ``log2phy`` included (the copies of an expert always tie in that sort).
 * ``policy="balanced"`` never puts two copies of one expert on one GPU and leaves the heaviest GPU
   of every layer no heavier than the DeepSeek placement does, except where no duplicate-free
   placement can (docs/eplb.md gives such a case and how rare it is); it can also stay close to

@@ -3,8 +3,8 @@
 Written from the algorithm's description (docs/eplb.md), one layer at a time with Python lists,
 as the oracle for ``eplb.rebalance_experts(policy="deepseek")`` in the tests and the baseline of
 bench/bench_eplb.py. All arithmetic is numpy float32 in the reference's order: group sums and pack
-sums accumulate item by item, per-copy loads are ``load / count``. Ties between equal weights go
-to the lower index.
+sums accumulate item by item, per-copy loads are ``load / count``. Equal weights are ordered by
+torch's default descending sort, as the reference does (it matters: copies of an expert tie).
 
 ``best_duplicate_free_max`` is a brute-force oracle for the balanced policy on tiny cases.
 """
@@ -22,14 +22,17 @@ F32 = np.float32
 def balanced_packing(weights: list[F32], num_packs: int) -> tuple[list[int], list[int]]:
     """Pack n items into ``num_packs`` packs of exactly ``n / num_packs`` items each.
 
-    Items go heaviest first (ties: lower index first) to the lightest pack that still has room
-    (ties: lowest pack index). Returns (pack of each item, rank of each item in its pack).
+    Items go heaviest first (ties: as torch's default sort leaves them) to the lightest pack that
+    still has room (ties: lowest pack index). Returns (pack of each item, rank of each item in its
+    pack).
     """
     n = len(weights)
     per_pack = n // num_packs
     if per_pack == 1:
         return list(range(n)), [0] * n
-    order = sorted(range(n), key=lambda i: -weights[i])  # Python's sort is stable
+    # The reference orders items with torch's default (unstable) descending sort; equal weights,
+    # e.g. the copies of one expert, come out in that sort's order, not by index.
+    order = torch.tensor(weights, dtype=torch.float32).sort(descending=True).indices.tolist()
     pack_load = [F32(0)] * num_packs
     pack_items = [0] * num_packs
     pack, rank = [0] * n, [0] * n

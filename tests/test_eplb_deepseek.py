@@ -17,6 +17,7 @@ HIERARCHICAL = [
     (8, 16, 4, 2, 16),  # one slot per GPU: GPU packing is the identity
     (8, 12, 8, 4, 4),  # one GPU per node, groups of one expert
     (64, 80, 8, 4, 16),
+    (128, 176, 8, 2, 8),  # packs of more than 16 items: torch's sort is no longer insertion sort
 ]
 GLOBAL = [
     (12, 16, 3, 2, 8),  # num_nodes does not divide num_groups
@@ -25,13 +26,15 @@ GLOBAL = [
     (7, 9, 1, 1, 1),  # one GPU
     (9, 12, 1, 1, 12),  # one slot per GPU
     (33, 48, 5, 2, 8),
+    (100, 130, 1, 1, 10),
 ]
 
 
-def tie_free_loads(kind: str, layers: int, experts: int, gen: torch.Generator) -> torch.Tensor:
-    """Random [layers, experts] loads with no two equal: floats, or distinct integers per layer
-    (sums and per-copy loads derived from integers can still tie; both sides break those ties by
-    the same rule)."""
+def random_loads(kind: str, layers: int, experts: int, gen: torch.Generator) -> torch.Tensor:
+    """Random [layers, experts] loads: floats, distinct integers per layer, or "ties": integers in
+    [0, 4), nearly all tied (the reference's torch sort orders ties; so must we)."""
+    if kind == "ties":
+        return torch.randint(0, 4, (layers, experts), generator=gen)
     if kind == "float":
         return torch.rand(layers, experts, generator=gen) * 1000
     if kind == "lognormal":
@@ -66,12 +69,12 @@ def test_readme_example():
 
 
 @pytest.mark.parametrize("shape", HIERARCHICAL + GLOBAL)
-@pytest.mark.parametrize("kind", ["float", "lognormal", "int"])
+@pytest.mark.parametrize("kind", ["float", "lognormal", "int", "ties"])
 def test_matches_reference(shape, kind):
     experts, replicas, groups, nodes, gpus = shape
     gen = torch.Generator().manual_seed(hash((shape, kind)) % 2**31)
     for layers in (1, 3):
-        weight = tie_free_loads(kind, layers, experts, gen)
+        weight = random_loads(kind, layers, experts, gen)
         assert_same(
             eplb.rebalance_experts(weight, replicas, groups, nodes, gpus),
             reference(weight, replicas, groups, nodes, gpus),
@@ -80,7 +83,7 @@ def test_matches_reference(shape, kind):
 
 def test_deepseek_v3_scale():
     gen = torch.Generator().manual_seed(7)
-    weight = tie_free_loads("lognormal", 6, 256, gen)
+    weight = random_loads("lognormal", 6, 256, gen)
     for config in ((288, 8, 4, 32), (320, 1, 1, 64)):
         assert_same(eplb.rebalance_experts(weight, *config), reference(weight, *config))
 

@@ -2,7 +2,7 @@
 
 #include <algorithm>
 #include <cstddef>
-#include <cstring>
+#include <utility>
 
 namespace eplb {
 namespace {
@@ -37,20 +37,13 @@ void make_heap(std::vector<T>& heap) {
   std::make_heap(heap.begin(), heap.end(), [](const T& a, const T& b) { return before(b, a); });
 }
 
-// Sort key of item i with weight v >= 0: ascending keys give descending weights, ties to the
-// lower index (the order of a stable descending sort). Non-negative floats order like their bit
-// patterns; adding +0.0f turns -0.0f into +0.0f.
-uint64_t descending_key(float v, int64_t i) {
-  uint32_t bits;
-  const float positive = v + 0.0f;
-  std::memcpy(&bits, &positive, sizeof bits);
-  return (static_cast<uint64_t>(~bits) << 32) | static_cast<uint64_t>(i);
-}
-
 // Longest-processing-time packing of n items into num_packs packs of exactly n / num_packs items.
-// Items are taken in descending weight order, ties to the lower item index (a stable sort).
+// Items are taken in the order of the reference's `weight.sort(descending=True)`: torch's CPU sort
+// is std::sort over (value, index) pairs with a greater-than comparator on the value, so running
+// the same std::sort on the same sequence leaves equal weights (the copies of one expert always
+// tie) in exactly its order, which a stable sort would not (tests compare against torch.sort).
 void balanced_packing(const float* w, int64_t n, int64_t num_packs, int64_t* pack, int64_t* rank,
-                      std::vector<uint64_t>& order, std::vector<PackLoad>& heap) {
+                      std::vector<std::pair<float, int64_t>>& order, std::vector<PackLoad>& heap) {
   const int64_t cap = n / num_packs;
   if (cap == 1) {
     for (int64_t i = 0; i < n; ++i) {
@@ -60,17 +53,19 @@ void balanced_packing(const float* w, int64_t n, int64_t num_packs, int64_t* pac
     return;
   }
   order.resize(n);
-  for (int64_t i = 0; i < n; ++i) order[i] = descending_key(w[i], i);
-  std::sort(order.begin(), order.end());
+  for (int64_t i = 0; i < n; ++i) order[i] = {w[i], i};
+  std::sort(order.begin(), order.end(),
+            [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+              return a.first > b.first;
+            });
 
   heap.clear();
   for (int64_t p = 0; p < num_packs; ++p) heap.push_back({0.0f, p, 0});
-  for (const uint64_t key : order) {
-    const int64_t item = static_cast<int64_t>(key & 0xffffffffu);
+  for (const auto& [load, item] : order) {
     PackLoad& top = heap[0];
     pack[item] = top.pack;
     rank[item] = top.items;
-    top.load += w[item];
+    top.load += load;
     if (++top.items == cap) {  // full packs leave the heap for good
       top = heap.back();
       heap.pop_back();

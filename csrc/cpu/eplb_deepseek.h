@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace eplb {
@@ -29,7 +30,7 @@ struct ReplicaLoad {
 
 // Scratch buffers reused across layers, so the per-layer loop does not allocate.
 struct DeepseekWorkspace {
-  std::vector<uint64_t> order;
+  std::vector<std::pair<float, int64_t>> order;  // (load, item) in packing order
   std::vector<int64_t> pack, rank, log2mlog, mlog2log, phy2mlog, phyrank, mlogcnt;
   std::vector<float> node_weight, phy_weight;
   std::vector<PackLoad> pack_heap;
