@@ -200,10 +200,7 @@ def normalized_variance(loads: torch.Tensor) -> torch.Tensor:
     Returns:
         [...] float64 >= 0 (0.0 for a layer without any load).
     """
-    x = _sorted_loads(loads)
-    mean = x.mean(-1)
-    var = x.var(-1, correction=0)
-    return torch.where(mean > 0, var / torch.where(mean > 0, mean, 1.0) ** 2, 0.0)
+    return coefficient_of_variation(loads).square()
 
 
 def count_duplicate_rows(phy2log: torch.Tensor, num_gpus: int) -> int:
