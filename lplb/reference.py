@@ -21,6 +21,12 @@ STEP_FRACTION = 0.99
 NORMAL_REG = 1e-14
 
 
+def _chunk_of_entries(n: int, n_sms: int) -> torch.Tensor:
+    """Chunk of each of n flattened entries: [n] int64, chunks of ceil(n / n_sms) entries."""
+    chunk = max(1, -(-n // n_sms))
+    return torch.arange(n, dtype=torch.int64) // chunk
+
+
 def count_idx(idx: torch.Tensor, n_logical: int, n_sms: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Count tokens per logical expert, overall and as an exclusive prefix over SM chunks.
 
@@ -46,9 +52,7 @@ def count_idx(idx: torch.Tensor, n_logical: int, n_sms: int) -> tuple[torch.Tens
             f"idx contains {flat[bad][0].item()}, outside [-1, {n_logical}) "
             f"(n_logical_routed_experts = {n_logical})"
         )
-    n = flat.numel()
-    chunk = max(1, -(-n // n_sms))
-    sm = torch.arange(n, dtype=torch.int64) // chunk
+    sm = _chunk_of_entries(flat.numel(), n_sms)
     valid = flat >= 0
     counts = torch.bincount(sm[valid] * n_logical + flat[valid], minlength=n_sms * n_logical).view(
         n_sms, n_logical
@@ -368,8 +372,7 @@ def map_idx(
     flat = idx.reshape(-1).to(torch.int64)
     n = flat.numel()
     n_sms, n_logical = workload_by_sm.shape
-    chunk = max(1, -(-n // n_sms))
-    sm = torch.arange(n, dtype=torch.int64) // chunk
+    sm = _chunk_of_entries(n, n_sms)
     valid = flat >= 0
     expert = flat.clamp(min=0)
 
