@@ -7,8 +7,9 @@ PIP := $(PYTHON) -m pip
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	@$(PYTHON) -c "import pybind11, setuptools, wheel, numpy, scipy, pytest" 2>/dev/null \
-		|| $(PIP) install -q pybind11 setuptools wheel numpy scipy pytest
+	@$(PYTHON) -c "import pybind11, setuptools, wheel, numpy, scipy, pytest, yaml, tqdm, hypothesis, matplotlib" \
+		2>/dev/null || $(PIP) install -q pybind11 setuptools wheel numpy scipy pytest pyyaml tqdm \
+		hypothesis matplotlib
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 demo: install
@@ -27,4 +28,4 @@ bench: install
 	$(PYTHON) bench/bench_quality.py
 
 clean:
-	rm -rf build *.egg-info lplb/_C*.so
+	rm -rf build *.egg-info eplb/_C*.so lplb/_C*.so

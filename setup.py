@@ -1,7 +1,8 @@
-"""Build ``lplb._C`` with CMake.
+"""Build the two extension modules with one CMake project (docs/architecture.md).
 
-The CUDA kernels are compiled when ``nvcc`` is found; set ``LPLB_CUDA=0`` to skip them or
-``LPLB_CUDA=1`` to require them. The module never links libtorch, so one build serves any torch.
+``eplb._C`` (CPU C++, always built) and ``lplb._C`` (CUDA kernels when ``nvcc`` is found; set
+``LPLB_CUDA=0`` to skip them or ``LPLB_CUDA=1`` to require them). Neither links libtorch, so one
+build serves any torch.
 """
 
 import os
@@ -42,30 +43,44 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    """Configures the CMake project once and builds one target per extension."""
+
     def build_extension(self, ext: Extension) -> None:
         import pybind11
 
-        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         # LPLB_BUILD_DIR lets parallel builds of one checkout keep separate CMake trees.
-        build_dir = Path(os.environ.get("LPLB_BUILD_DIR") or self.build_temp).resolve() / ext.name
+        build_dir = Path(os.environ.get("LPLB_BUILD_DIR") or self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
-        nvcc = _want_cuda()
-        cfg = [
-            f"-S{ROOT}",
-            f"-B{build_dir}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
-            f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            "-DCMAKE_BUILD_TYPE=Release",
-            f"-DLPLB_WITH_CUDA={'ON' if nvcc else 'OFF'}",
-        ]
-        if nvcc:
-            cfg.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
-        if shutil.which("ninja"):
-            cfg.append("-GNinja")
-        subprocess.check_call(["cmake", *cfg])
+        if not getattr(self, "_configured", False):
+            nvcc = _want_cuda()
+            out = {
+                e.name: Path(self.get_ext_fullpath(e.name)).resolve().parent
+                for e in self.extensions
+            }
+            cfg = [
+                f"-S{ROOT}",
+                f"-B{build_dir}",
+                f"-DEPLB_OUTPUT_DIR={out['eplb._C']}",
+                f"-DLPLB_OUTPUT_DIR={out['lplb._C']}",
+                f"-DPython_EXECUTABLE={sys.executable}",
+                f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+                "-DCMAKE_BUILD_TYPE=Release",
+                f"-DLPLB_WITH_CUDA={'ON' if nvcc else 'OFF'}",
+            ]
+            if nvcc:
+                cfg.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+            if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
+                cfg.append("-GNinja")
+            subprocess.check_call(["cmake", *cfg])
+            self._configured = True
+        target = ext.name.split(".")[0] + "_C"  # eplb._C -> eplb_C (CMakeLists.txt)
         jobs = str(max(1, os.cpu_count() or 1))
-        subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", jobs])
+        subprocess.check_call(
+            ["cmake", "--build", str(build_dir), "--target", target, "--parallel", jobs]
+        )
 
 
-setup(ext_modules=[CMakeExtension("lplb._C")], cmdclass={"build_ext": CMakeBuild})
+setup(
+    ext_modules=[CMakeExtension("eplb._C"), CMakeExtension("lplb._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)

@@ -1,7 +1,7 @@
 """Expert replication and placement (EPLB), DeepSeek-compatible, with a C++ core.
 
-``rebalance_experts`` validates its arguments and hands contiguous CPU tensors to ``lplb._C``
-(csrc/cpu/eplb*.cpp), which runs the per-layer algorithms.
+``rebalance_experts`` validates its arguments and hands contiguous CPU tensors to ``eplb._C``
+(csrc/eplb/), which runs the per-layer algorithms.
 
 * ``policy="deepseek"`` (default) reproduces deepseek-ai/EPLB ``eplb.rebalance_experts``: the same
   float32 arithmetic in the same order and the same sort as torch's, so the outputs are
@@ -14,29 +14,24 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
-from eplb.metrics import log2phy_from_ranks, phy2log_to_log2phy
-from lplb import _C
+from eplb import _C
+from eplb.maps import log2phy_from_ranks, phy2log_to_log2phy
+from eplb.checks import LayoutError, positive_int
 
-__all__ = ["POLICIES", "rebalance_experts"]
+__all__ = [
+    "POLICIES",
+    "balanced_packing",
+    "rebalance_experts",
+    "rebalance_experts_hierarchical",
+    "replicate_experts",
+]
 
 POLICIES = ("deepseek", "balanced")
-
-
-def _positive_int(name: str, value: object) -> int:
-    """``value`` as a Python int > 0; bools and non-integers are rejected."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {value!r}") from None
-    if number <= 0:
-        raise ValueError(f"{name} must be positive, got {number}")
-    return number
+# Far above any real model (DeepSeek-V3 has 256 experts); a bound keeps absurd sizes from
+# allocating gigabytes or running for minutes.
+MAX_SLOTS = 1 << 20
 
 
 def _checked_weight(weight: object) -> torch.Tensor:
@@ -75,6 +70,141 @@ def _checked_old(
         bad = low if low < -1 else high
         raise ValueError(f"old_phy2log holds {bad}; ids must be in [0, {num_experts}) or -1")
     return old
+
+
+def _check_sizes(
+    num_experts: int, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> None:
+    """The size rules of the hierarchical algorithm (the global one is groups = nodes = 1)."""
+    if num_replicas % num_gpus:
+        raise LayoutError(f"num_replicas={num_replicas} is not a multiple of num_gpus={num_gpus}")
+    if num_replicas < num_experts:
+        raise LayoutError(f"num_replicas={num_replicas} is below the {num_experts} experts")
+    if num_groups % num_nodes:
+        raise LayoutError(f"num_groups={num_groups} is not a multiple of num_nodes={num_nodes}")
+    if num_gpus % num_nodes:
+        raise LayoutError(f"num_gpus={num_gpus} is not a multiple of num_nodes={num_nodes}")
+    if num_experts % num_groups:
+        raise LayoutError(f"num_groups={num_groups} does not divide the {num_experts} experts")
+
+
+def _deepseek(
+    w: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek's hierarchical algorithm on checked CPU loads ``w`` [L, E] (any real dtype).
+
+    Returns phy2log [L, R], phyrank [L, R] and logcnt [L, E], all int64.
+    """
+    num_layers, num_experts = w.shape
+    # Group sums exactly as the reference computes them (torch, float32, on the unflattened view).
+    w32 = w.float()
+    group_load = w32.unflatten(-1, (num_groups, num_experts // num_groups)).sum(-1).contiguous()
+    w32 = w32.contiguous()
+    phy2log = torch.empty(num_layers, num_replicas, dtype=torch.int64)
+    phyrank = torch.empty_like(phy2log)
+    logcnt = torch.empty(num_layers, num_experts, dtype=torch.int64)
+    _C.eplb_deepseek(
+        w32.data_ptr(),
+        group_load.data_ptr(),
+        num_layers,
+        num_experts,
+        num_replicas,
+        num_groups,
+        num_nodes,
+        num_gpus,
+        phy2log.data_ptr(),
+        phyrank.data_ptr(),
+        logcnt.data_ptr(),
+    )
+    return phy2log, phyrank, logcnt
+
+
+def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's ``balanced_packing``: pack ``n`` weighted items into ``num_packs`` packs of
+    exactly ``n / num_packs`` items each, heaviest first into the lightest pack with room.
+
+    Args:
+        weight: [X, n] item weights (compared in float32, as the reference sorts them).
+        num_packs: packs per row; must divide ``n``.
+
+    Returns:
+        pack_index: [X, n] int64, pack of each item.
+        rank_in_pack: [X, n] int64, position of each item in its pack.
+        On ``weight``'s device.
+    """
+    w = _checked_weight(weight)
+    num_packs = positive_int("num_packs", num_packs)
+    rows, n = w.shape
+    if n % num_packs:
+        raise LayoutError(f"num_packs={num_packs} does not divide the {n} items")
+    w32 = w.float().contiguous()
+    pack = torch.empty(rows, n, dtype=torch.int64)
+    rank = torch.empty_like(pack)
+    _C.balanced_packing(w32.data_ptr(), rows, n, num_packs, pack.data_ptr(), rank.data_ptr())
+    device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+    return pack.to(device), rank.to(device)
+
+
+def replicate_experts(
+    weight: torch.Tensor, num_phy: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek's ``replicate_experts``: the first ``n`` slots hold experts ``0..n-1``; each further
+    slot copies the expert with the largest load per copy (float32; ties to the lowest index).
+
+    Args:
+        weight: [X, n] expert loads.
+        num_phy: physical slots per row, ``>= n``.
+
+    Returns:
+        phy2log: [X, num_phy] int64, expert of each slot.
+        rank: [X, num_phy] int64, which copy of its expert each slot holds.
+        logcnt: [X, n] int64, copies of each expert.
+        On ``weight``'s device.
+    """
+    w = _checked_weight(weight)
+    num_phy = positive_int("num_phy", num_phy, maximum=MAX_SLOTS)
+    rows, n = w.shape
+    if num_phy < n:
+        raise LayoutError(f"num_phy={num_phy} is below the {n} experts")
+    w32 = w.float().contiguous()
+    phy2log = torch.empty(rows, num_phy, dtype=torch.int64)
+    rank = torch.empty_like(phy2log)
+    logcnt = torch.empty(rows, n, dtype=torch.int64)
+    _C.replicate_experts(
+        w32.data_ptr(), rows, n, num_phy, phy2log.data_ptr(), rank.data_ptr(), logcnt.data_ptr()
+    )
+    device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+    return phy2log.to(device), rank.to(device), logcnt.to(device)
+
+
+def rebalance_experts_hierarchical(
+    weight: torch.Tensor,
+    num_physical_experts: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek's ``rebalance_experts_hierarchical``: groups to nodes, replicas within nodes,
+    replicas to GPUs.
+
+    Args:
+        weight: [L, E] expert loads (finite, non-negative).
+        num_physical_experts: R, a multiple of ``num_gpus`` and ``>= E``.
+        num_groups: expert groups, dividing E; a multiple of ``num_nodes``.
+        num_nodes: server nodes, dividing ``num_gpus``.
+        num_gpus: GPUs.
+
+    Returns:
+        phy2log: [L, R] int64; phyrank: [L, R] int64 (copy index of each slot);
+        logcnt: [L, E] int64. On the CPU.
+    """
+    w = _checked_weight(weight)
+    num_replicas = positive_int("num_physical_experts", num_physical_experts, maximum=MAX_SLOTS)
+    num_groups = positive_int("num_groups", num_groups)
+    num_nodes = positive_int("num_nodes", num_nodes)
+    num_gpus = positive_int("num_gpus", num_gpus)
+    _check_sizes(w.shape[1], num_replicas, num_groups, num_nodes, num_gpus)
+    return _deepseek(w, num_replicas, num_groups, num_nodes, num_gpus)
 
 
 def rebalance_experts(
@@ -118,26 +248,18 @@ def rebalance_experts(
         All on the CPU.
     """
     w = _checked_weight(weight)
-    num_replicas = _positive_int("num_replicas", num_replicas)
-    num_groups = _positive_int("num_groups", num_groups)
-    num_nodes = _positive_int("num_nodes", num_nodes)
-    num_gpus = _positive_int("num_gpus", num_gpus)
+    num_replicas = positive_int("num_replicas", num_replicas, maximum=MAX_SLOTS)
+    num_groups = positive_int("num_groups", num_groups)
+    num_nodes = positive_int("num_nodes", num_nodes)
+    num_gpus = positive_int("num_gpus", num_gpus)
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if old_phy2log is not None and policy != "balanced":
         raise ValueError(f"old_phy2log needs policy='balanced', got policy={policy!r}")
     num_layers, num_experts = w.shape
-    if num_replicas % num_gpus:
-        raise ValueError(f"num_replicas={num_replicas} is not a multiple of num_gpus={num_gpus}")
-    if num_replicas < num_experts:
-        raise ValueError(f"num_replicas={num_replicas} is below the {num_experts} experts")
-    if num_gpus % num_nodes:
-        raise ValueError(f"num_gpus={num_gpus} is not a multiple of num_nodes={num_nodes}")
-    if num_groups % num_nodes == 0:
-        if num_experts % num_groups:
-            raise ValueError(f"num_groups={num_groups} does not divide the {num_experts} experts")
-    else:
-        num_groups = num_nodes = 1  # the global policy
+    if num_groups % num_nodes:
+        num_groups = num_nodes = 1  # the global policy ignores the node count, as DeepSeek's does
+    _check_sizes(num_experts, num_replicas, num_groups, num_nodes, num_gpus)
     per_gpu = num_replicas // num_gpus
     if policy == "balanced" and per_gpu > num_experts // num_nodes:
         raise ValueError(
@@ -148,22 +270,7 @@ def rebalance_experts(
     if old_phy2log is not None:
         old = _checked_old(old_phy2log, num_layers, num_replicas, num_experts)
 
-    # Group sums exactly as the reference computes them (torch, float32, on the unflattened view).
-    w32 = w.float()
-    group_load = w32.unflatten(-1, (num_groups, num_experts // num_groups)).sum(-1).contiguous()
-    w32 = w32.contiguous()
-    phy2log = torch.empty(num_layers, num_replicas, dtype=torch.int64)
-    phyrank = torch.empty_like(phy2log)
-    logcnt = torch.empty(num_layers, num_experts, dtype=torch.int64)
-    sizes = (num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
-    _C.eplb_deepseek(
-        w32.data_ptr(),
-        group_load.data_ptr(),
-        *sizes,
-        phy2log.data_ptr(),
-        phyrank.data_ptr(),
-        logcnt.data_ptr(),
-    )
+    phy2log, phyrank, logcnt = _deepseek(w, num_replicas, num_groups, num_nodes, num_gpus)
     if policy == "deepseek":
         return phy2log, log2phy_from_ranks(phy2log, phyrank, logcnt), logcnt
 
@@ -172,7 +279,12 @@ def rebalance_experts(
     num_changed = torch.zeros(num_layers, dtype=torch.int64)
     _C.eplb_balanced(
         w64.data_ptr(),
-        *sizes,
+        num_layers,
+        num_experts,
+        num_replicas,
+        num_groups,
+        num_nodes,
+        num_gpus,
         phy2log.data_ptr(),
         0 if old is None else old.data_ptr(),
         placed.data_ptr(),

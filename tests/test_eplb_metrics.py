@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eplb import metrics
+from eplb import maps, metrics
 
 
 def plain_inverse(row: list[int], num_logical: int) -> tuple[list[list[int]], list[int]]:
@@ -13,7 +13,7 @@ def plain_inverse(row: list[int], num_logical: int) -> tuple[list[list[int]], li
 
 
 def test_phy2log_to_log2phy_hand_case():
-    log2phy, logcnt = metrics.phy2log_to_log2phy(torch.tensor([2, 0, 2, -1, 1, 2]))
+    log2phy, logcnt = maps.phy2log_to_log2phy(torch.tensor([2, 0, 2, -1, 1, 2]))
     assert logcnt.tolist() == [1, 1, 3]
     assert log2phy.tolist() == [[1, -1, -1], [4, -1, -1], [0, 2, 5]]
 
@@ -21,7 +21,7 @@ def test_phy2log_to_log2phy_hand_case():
 def test_phy2log_to_log2phy_random_against_loops():
     gen = torch.Generator().manual_seed(0)
     phy2log = torch.randint(-1, 9, (5, 40), generator=gen)
-    log2phy, logcnt = metrics.phy2log_to_log2phy(phy2log, num_logical=11)
+    log2phy, logcnt = maps.phy2log_to_log2phy(phy2log, num_logical=11)
     assert log2phy.shape[:2] == (5, 11) and logcnt.shape == (5, 11)
     for layer, row in enumerate(phy2log.tolist()):
         want_log2phy, want_cnt = plain_inverse(row, 11)
@@ -32,21 +32,21 @@ def test_phy2log_to_log2phy_random_against_loops():
 
 def test_phy2log_to_log2phy_errors():
     with pytest.raises(ValueError, match="num_logical=2"):
-        metrics.phy2log_to_log2phy(torch.tensor([0, 3]), num_logical=2)
+        maps.phy2log_to_log2phy(torch.tensor([0, 3]), num_logical=2)
     with pytest.raises(ValueError, match="-2"):
-        metrics.phy2log_to_log2phy(torch.tensor([0, -2]))
+        maps.phy2log_to_log2phy(torch.tensor([0, -2]))
     with pytest.raises(TypeError, match="float"):
-        metrics.phy2log_to_log2phy(torch.tensor([0.0, 1.0]))
+        maps.phy2log_to_log2phy(torch.tensor([0.0, 1.0]))
 
 
 def test_log2phy_from_ranks():
     phy2log = torch.tensor([[1, 0, 1, 1]])
     phyrank = torch.tensor([[2, 0, 0, 1]])
     logcnt = torch.tensor([[1, 3]])
-    log2phy = metrics.log2phy_from_ranks(phy2log, phyrank, logcnt)
+    log2phy = maps.log2phy_from_ranks(phy2log, phyrank, logcnt)
     assert log2phy.tolist() == [[[1, -1, -1], [2, 3, 0]]]
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        metrics.log2phy_from_ranks(phy2log, torch.tensor([[3, 0, 0, 1]]), logcnt)
+        maps.log2phy_from_ranks(phy2log, torch.tensor([[3, 0, 0, 1]]), logcnt)
 
 
 def test_gpu_loads_hand_case():

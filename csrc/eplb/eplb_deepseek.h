@@ -43,4 +43,12 @@ struct DeepseekWorkspace {
 void deepseek_layer(const float* weight, const float* group_load, const Shape& shape,
                     int64_t* phy2log, int64_t* phyrank, int64_t* logcnt, DeepseekWorkspace& ws);
 
+// One row of DeepSeek's module-level helpers, exposed for drop-in parity.
+// balanced_packing: w [n] float32 -> pack, rank [n]; n must be a multiple of num_packs.
+void balanced_packing_row(const float* w, int64_t n, int64_t num_packs, int64_t* pack,
+                          int64_t* rank, DeepseekWorkspace& ws);
+// replicate_experts: w [n] float32 -> phy2log, rank [num_phy], cnt [n]; num_phy >= n.
+void replicate_experts_row(const float* w, int64_t n, int64_t num_phy, int64_t* phy2log,
+                           int64_t* rank, int64_t* cnt, DeepseekWorkspace& ws);
+
 }  // namespace eplb

@@ -7,16 +7,14 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "common/pointers.h"
 #include "kernels.cuh"
 
 namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
+using common::address;
 
 // The statically linked runtime keeps its own current device; launch on the tensors' device.
 void use_device(int device) { lplb::check_cuda(cudaSetDevice(device), "cudaSetDevice"); }
@@ -30,9 +28,9 @@ void register_cuda(py::module_& m) {
          int n_sms, std::uintptr_t workload, std::uintptr_t workload_by_sm,
          std::uintptr_t error_flag, std::uintptr_t stream) {
         use_device(device);
-        lplb::launch_count_idx(ptr<const void>(idx), idx_int64, n, n_logical, n_sms,
-                               ptr<std::int32_t>(workload), ptr<std::int32_t>(workload_by_sm),
-                               ptr<std::int32_t>(error_flag), lplb::as_stream(stream));
+        lplb::launch_count_idx(address<const void>(idx), idx_int64, n, n_logical, n_sms,
+                               address<std::int32_t>(workload), address<std::int32_t>(workload_by_sm),
+                               address<std::int32_t>(error_flag), lplb::as_stream(stream));
       },
       "Launch count_idx: per-expert counts and their exclusive prefix over n_sms chunks.");
 
@@ -45,14 +43,14 @@ void register_cuda(py::module_& m) {
          std::uintptr_t probs, std::uintptr_t stream) {
         use_device(device);
         lplb::SolveArgs args{};
-        args.workload = ptr<const void>(workload);
+        args.workload = address<const void>(workload);
         args.workload_type = static_cast<lplb::WorkloadType>(workload_type);
         args.n_logical = n_logical;
-        args.phy2log = ptr<const std::int32_t>(phy2log);
+        args.phy2log = address<const std::int32_t>(phy2log);
         args.n_physical = n_physical;
-        args.r2o = ptr<const std::int32_t>(r2o);
-        args.o2r = ptr<const std::int32_t>(o2r);
-        args.avail_counter = ptr<void>(avail_counter);
+        args.r2o = address<const std::int32_t>(r2o);
+        args.o2r = address<const std::int32_t>(o2r);
+        args.avail_counter = address<void>(avail_counter);
         args.avail_int64 = avail_int64;
         args.group_size = group_size;
         args.n_sets = n_sets;
@@ -60,7 +58,7 @@ void register_cuda(py::module_& m) {
         args.n_local_logical = n_local_logical;
         args.n_local_routed = n_local_routed;
         args.n_combined = n_combined;
-        args.probs = ptr<float>(probs);
+        args.probs = address<float>(probs);
         lplb::launch_solve(args, lplb::as_stream(stream));
       },
       "Launch the interior-point LP solve, one 32-thread block per group.");
@@ -72,10 +70,10 @@ void register_cuda(py::module_& m) {
          int n_logical, std::uintptr_t log2phy, std::uintptr_t prob_index,
          std::uintptr_t stream) {
         use_device(device);
-        lplb::launch_map_idx(ptr<const void>(idx), idx_int64, n, ptr<void>(out),
-                             ptr<const float>(probs), n_probs,
-                             ptr<const std::int32_t>(workload_by_sm), n_sms, n_logical,
-                             ptr<const std::int32_t>(log2phy), ptr<const std::int32_t>(prob_index),
+        lplb::launch_map_idx(address<const void>(idx), idx_int64, n, address<void>(out),
+                             address<const float>(probs), n_probs,
+                             address<const std::int32_t>(workload_by_sm), n_sms, n_logical,
+                             address<const std::int32_t>(log2phy), address<const std::int32_t>(prob_index),
                              lplb::as_stream(stream));
       },
       "Launch map_idx: route each replicated expert's tokens to original or replica.");

@@ -1,4 +1,4 @@
-// Python bindings of the CPU EPLB algorithms. Arguments are raw addresses of contiguous CPU
+// eplb._C: Python bindings of the CPU EPLB algorithms. Arguments are raw addresses of contiguous CPU
 // tensors (`tensor.data_ptr()`) and sizes; the Python wrapper in eplb/algorithm.py validates
 // them. Layers are independent and run with the GIL released.
 #include <pybind11/pybind11.h>
@@ -9,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/pointers.h"
 #include "eplb_balanced.h"
 #include "eplb_deepseek.h"
 
@@ -16,10 +17,7 @@ namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* address(uintptr_t ptr) {
-  return reinterpret_cast<T*>(ptr);
-}
+using common::address;
 
 // Runs body(begin, end) on contiguous chunks of the layers [0, num_layers), one chunk per
 // hardware thread (at most 8) when there is enough work to pay for starting threads.
@@ -100,6 +98,30 @@ bool log2phy(uintptr_t phy2log, uintptr_t phyrank, int64_t num_layers, int64_t n
   return true;
 }
 
+void packing(uintptr_t weight, int64_t rows, int64_t n, int64_t num_packs, uintptr_t pack,
+             uintptr_t rank) {
+  common::require(num_packs > 0 && n % num_packs == 0, "num_packs must divide the items");
+  py::gil_scoped_release release;
+  eplb::DeepseekWorkspace ws;
+  for (int64_t i = 0; i < rows; ++i) {
+    eplb::balanced_packing_row(address<const float>(weight) + i * n, n, num_packs,
+                               address<int64_t>(pack) + i * n, address<int64_t>(rank) + i * n, ws);
+  }
+}
+
+void replicate(uintptr_t weight, int64_t rows, int64_t n, int64_t num_phy, uintptr_t phy2log,
+               uintptr_t rank, uintptr_t cnt) {
+  common::require(num_phy >= n, "num_phy must be at least the number of experts");
+  py::gil_scoped_release release;
+  eplb::DeepseekWorkspace ws;
+  for (int64_t i = 0; i < rows; ++i) {
+    eplb::replicate_experts_row(address<const float>(weight) + i * n, n, num_phy,
+                                address<int64_t>(phy2log) + i * num_phy,
+                                address<int64_t>(rank) + i * num_phy, address<int64_t>(cnt) + i * n,
+                                ws);
+  }
+}
+
 eplb::Shape make_shape(int64_t num_experts, int64_t num_replicas, int64_t num_groups,
                        int64_t num_nodes, int64_t num_gpus) {
   return {num_experts, num_replicas, num_groups, num_nodes, num_gpus};
@@ -107,7 +129,8 @@ eplb::Shape make_shape(int64_t num_experts, int64_t num_replicas, int64_t num_gr
 
 }  // namespace
 
-void register_eplb_cpu(py::module_& m) {
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "eplb native extension: the CPU EPLB algorithms";
   m.def(
       "eplb_deepseek",
       [](uintptr_t weight, uintptr_t group_load, int64_t num_layers, int64_t num_experts,
@@ -139,6 +162,16 @@ void register_eplb_cpu(py::module_& m) {
       py::arg("num_groups"), py::arg("num_nodes"), py::arg("num_gpus"),
       py::arg("deepseek_phy2log"), py::arg("old_phy2log"), py::arg("phy2log"),
       py::arg("num_changed"));
+  m.def("balanced_packing", &packing,
+        "DeepSeek's balanced_packing row by row. weight [rows, n] float32; writes pack and rank "
+        "[rows, n] int64.",
+        py::arg("weight"), py::arg("rows"), py::arg("n"), py::arg("num_packs"), py::arg("pack"),
+        py::arg("rank"));
+  m.def("replicate_experts", &replicate,
+        "DeepSeek's replicate_experts row by row. weight [rows, n] float32; writes phy2log and "
+        "rank [rows, num_phy] int64, logcnt [rows, n] int64.",
+        py::arg("weight"), py::arg("rows"), py::arg("n"), py::arg("num_phy"), py::arg("phy2log"),
+        py::arg("rank"), py::arg("logcnt"));
   m.def("eplb_log2phy", &log2phy,
         "Inverse placement map. phy2log, phyrank [L, R] int64 (-1 = unused slot); writes "
         "log2phy [L, E, maxcnt] int64, -1 padded. False if an id or rank is out of range.",

@@ -150,4 +150,14 @@ void deepseek_layer(const float* weight, const float* group_load, const Shape& s
   }
 }
 
+void balanced_packing_row(const float* w, int64_t n, int64_t num_packs, int64_t* pack,
+                          int64_t* rank, DeepseekWorkspace& ws) {
+  balanced_packing(w, n, num_packs, pack, rank, ws.order, ws.pack_heap);
+}
+
+void replicate_experts_row(const float* w, int64_t n, int64_t num_phy, int64_t* phy2log,
+                           int64_t* rank, int64_t* cnt, DeepseekWorkspace& ws) {
+  replicate_experts(w, n, num_phy, phy2log, rank, cnt, ws.replica_heap);
+}
+
 }  // namespace eplb

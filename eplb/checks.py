@@ -1,0 +1,101 @@
+"""Argument checks shared by ``eplb`` and ``lplb``: one helper per concept.
+
+Every public entry point of the project validates its arguments with these helpers, so that bad
+input always raises ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, bad value)
+with a message that names the argument and the value, never another exception.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+__all__ = [
+    "LayoutError",
+    "int_tensor",
+    "positive_int",
+    "process_group",
+    "tensor",
+]
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+class LayoutError(ValueError, AssertionError):
+    """A size or layout argument that cannot work (e.g. replicas not a multiple of GPUs).
+
+    Both a ``ValueError`` and an ``AssertionError``: code and tests written against DeepSeek's
+    ``eplb.py``, which checks sizes with ``assert``, still catch it.
+    """
+
+
+def positive_int(name: str, value: object, *, maximum: int | None = None) -> int:
+    """``value`` as a Python ``int`` in ``[1, maximum]``.
+
+    Bools, floats and other non-integers raise ``TypeError``; values below 1 or above
+    ``maximum`` raise ``ValueError``. Anything with ``__index__`` (numpy ints, 0-d int tensors)
+    is accepted.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if number <= 0:
+        raise ValueError(f"{name} must be positive, got {number}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {number}")
+    return number
+
+
+def tensor(name: str, value: object) -> torch.Tensor:
+    """``value`` itself if it is a ``torch.Tensor``, else ``TypeError`` naming its type."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def int_tensor(
+    name: str,
+    value: object,
+    *,
+    dtypes: tuple[torch.dtype, ...] = _INT_DTYPES,
+    convert: bool = False,
+) -> torch.Tensor:
+    """An integer tensor of one of ``dtypes``.
+
+    Args:
+        name: argument name used in error messages.
+        value: a tensor, or with ``convert=True`` anything ``torch.as_tensor`` takes (lists,
+            numpy arrays).
+        dtypes: accepted integer dtypes (default: every signed integer dtype and uint8).
+        convert: accept array-likes and convert them.
+
+    Returns:
+        The tensor (converted if needed), unchanged in device and dtype.
+    """
+    if not isinstance(value, torch.Tensor):
+        if not convert:
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be an integer tensor or array, got {value!r}") from None
+    if value.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+    return value
+
+
+def process_group(name: str, group: object) -> object:
+    """``group`` if it is ``None`` or a ``torch.distributed.ProcessGroup``, else ``TypeError``."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"{name} must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}"
+        )
+    return group
