@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from eplb import _C
-from eplb.maps import log2phy_from_ranks, phy2log_to_log2phy
 from eplb.checks import LayoutError, positive_int
+from eplb.maps import log2phy_from_ranks, phy2log_to_log2phy
 
 __all__ = [
     "POLICIES",
