@@ -12,14 +12,20 @@ import operator
 import torch
 
 __all__ = [
+    "MAX_SLOTS",
     "LayoutError",
     "int_tensor",
+    "loads",
     "positive_int",
     "process_group",
+    "readable",
     "tensor",
 ]
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+# Bound on slots and experts per layer, far above any real model (DeepSeek-V3 has 256 experts):
+# it keeps absurd sizes from allocating gigabytes or running for minutes.
+MAX_SLOTS = 1 << 20
 
 
 class LayoutError(ValueError, AssertionError):
@@ -84,7 +90,66 @@ def int_tensor(
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{name} must be an integer tensor or array, got {value!r}") from None
     if value.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+        raise TypeError(
+            f"{name} must be an integer tensor of dtype {[str(d) for d in dtypes]}, "
+            f"got {value.dtype}"
+        )
+    return value
+
+
+def readable(name: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` unless its values cannot be read (a meta tensor has none): ``ValueError``."""
+    if value.is_meta:
+        raise ValueError(f"{name} is a meta tensor: it has no values to read")
+    return value
+
+
+def loads(name: str, value: object, *, ndim: int | None = None) -> torch.Tensor:
+    """Load statistics as a non-empty CPU tensor of their own int or float dtype, every entry
+    finite and non-negative.
+
+    Args:
+        name: argument name used in error messages.
+        value: a tensor on any device, or anything ``torch.as_tensor`` takes (lists, arrays).
+        ndim: the number of dimensions required, if any (other shape rules are the caller's).
+
+    Returns:
+        The values on the CPU, detached, dtype unchanged.
+
+    Raises:
+        TypeError: not numbers, or a bool or complex dtype.
+        ValueError: empty, another number of dimensions than ``ndim``, a meta tensor, NaN,
+            infinite or negative entries.
+    """
+    try:
+        t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a tensor or array of numbers, got {value!r}") from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must have an int or float dtype, got {t.dtype}")
+    if (ndim is not None and t.dim() != ndim) or t.numel() == 0:
+        kind = "non-empty" if ndim is None else f"non-empty {ndim}-D"
+        raise ValueError(f"{name} must be a {kind} tensor, got shape {tuple(t.shape)}")
+    t = readable(name, t).detach().cpu()
+    low, high = torch.aminmax(t)  # one pass; NaN propagates into both
+    if not (bool(low >= 0) and bool(high < float("inf"))):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} must be finite, got {t[~torch.isfinite(t)][0].item()}")
+        raise ValueError(f"{name} must be non-negative, got {low.item()}")
+    return t
+
+
+def load_tensor(name: str, value: object) -> torch.Tensor:
+    """A tensor of loads: ``value`` as a tensor of an integer or floating dtype (not bool or
+    complex); array-likes are converted. Values are not checked here (callers that need finite,
+    non-negative loads check those, since it reads the data)."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a tensor or array of numbers, got {value!r}") from None
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name} must have an int or float dtype, got {value.dtype}")
     return value
 
 

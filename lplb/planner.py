@@ -3,18 +3,22 @@
 The Planner owns the physical layout (which logical expert sits in which physical slot, and
 which slots are copies of which) and drives the three custom ops of lplb/ops.py:
 count tokens -> (all-reduce over the EP group) -> solve one LP per group -> map tokens.
-Layout maps live on the CPU and are copied to a tensor's device on first use, so that `run`
-has no host synchronisation and no data-dependent Python control flow (CUDA graphs,
-torch.compile(fullgraph=True)).
+The layout arithmetic lives in lplb/layout.py. Layout maps are kept on the CPU and copied to a
+tensor's device on first use, so that `run` has no host synchronisation and no data-dependent
+Python control flow (CUDA graphs, torch.compile(fullgraph=True)). Intentional differences from
+DeepSeek LPLB are listed in docs/lplb.md.
 """
+
+from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-import eplb
-from lplb import ops  # noqa: F401  (registers torch.ops.lplb.*)
+from eplb.checks import int_tensor, load_tensor, positive_int, process_group, tensor
+from lplb import ops
+from lplb.layout import expert_order, redundancy_layout
 from lplb.topology import validate_r2o
 
 __all__ = ["Planner"]
@@ -39,20 +43,6 @@ class _DeviceMaps:
     prob_index: torch.Tensor
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_idx(idx: object) -> torch.Tensor:
-    if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"idx must be a torch.Tensor, got {type(idx).__name__}")
-    if idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"idx must be int32 or int64, got {idx.dtype}")
-    return idx
-
-
 class Planner:
     """Balances each batch's tokens between the originals and copies of replicated experts.
 
@@ -63,7 +53,12 @@ class Planner:
         n_routed_experts: physical experts R over all EP ranks (originals + copies).
         n_logical_routed_experts: logical experts E.
         ep_size: EP ranks; defaults to group.size() if a group is given, else group_size.
-        group: torch.distributed process group over which workloads are summed before solving.
+        group: torch.distributed process group over which workloads are summed before solving
+            (also available as ``ep_group``, DeepSeek LPLB's name).
+        num_nodes: nodes the EP ranks span, used when a load history reorders experts
+            (``update_redundancy_mapping``): expert groups are kept on nodes. Default, as DeepSeek
+            LPLB: ``max(1, ep_size // torch.cuda.device_count())`` with a GPU, 1 without. Pass it
+            to make layouts independent of the machine.
     """
 
     def __init__(
@@ -73,16 +68,19 @@ class Planner:
         n_logical_routed_experts: int,
         ep_size: int | None = None,
         group: dist.ProcessGroup | None = None,
+        *,
+        num_nodes: int | None = None,
     ) -> None:
         validate_r2o(redundant_to_original)
+        group = process_group("group", group)
         group_size, n_sets = redundant_to_original.shape
         if ep_size is None:
             ep_size = group.size() if group is not None else group_size
         validate_r2o(redundant_to_original, ep_size)
         if group is not None and group.size() != ep_size:
             raise ValueError(f"ep_size {ep_size} differs from the group's size {group.size()}")
-        n_routed = _positive_int("n_routed_experts", n_routed_experts)
-        n_logical = _positive_int("n_logical_routed_experts", n_logical_routed_experts)
+        n_routed = positive_int("n_routed_experts", n_routed_experts, maximum=1 << 20)
+        n_logical = positive_int("n_logical_routed_experts", n_logical_routed_experts)
         if n_routed % ep_size or n_logical % ep_size:
             raise ValueError(
                 f"n_routed_experts {n_routed} and n_logical_routed_experts {n_logical} must be "
@@ -98,6 +96,13 @@ class Planner:
                 f"(n_routed_experts {n_routed}, n_logical_routed_experts {n_logical}, "
                 f"ep_size {ep_size})"
             )
+        if num_nodes is None:
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            num_nodes = max(1, ep_size // gpus) if gpus else 1
+        num_nodes = positive_int("num_nodes", num_nodes)
+        n_group = ep_size // group_size
+        if n_group % num_nodes == 0 and ep_size % num_nodes:
+            raise ValueError(f"num_nodes={num_nodes} does not divide ep_size={ep_size}")
 
         self.group = group
         self.ep_size = ep_size
@@ -108,79 +113,65 @@ class Planner:
         self.n_local_routed = n_local_routed
         self.n_local_logical = n_local_logical
         self.n_combined = n_redundant // n_sets
-        self.n_group = ep_size // group_size
-        # Public maps live on r2o's device, like DeepSeek LPLB's (which keeps them on the GPU);
-        # the layout itself is computed from these CPU copies.
+        self.n_group = n_group
+        self.num_nodes = num_nodes
+        self._layout_ints = list(ops.SolveLayout(n_local_logical, n_local_routed, self.n_combined))
+        # Public maps live on r2o's device, int32 like DeepSeek LPLB's; the layout itself is
+        # computed from these CPU copies.
         self.device = redundant_to_original.device
         self._r2o = redundant_to_original.detach().to("cpu", torch.int64)
         self._o2r = torch.empty_like(self._r2o)
         for d in range(n_sets):
             self._o2r[self._r2o[:, d], d] = torch.arange(group_size)
-        self.r2o = self._r2o.to(self.device)
-        self.o2r = self._o2r.to(self.device)
+        self.r2o = self._r2o.to(self.device, torch.int32)
+        self.o2r = self._o2r.to(self.device, torch.int32)
         self._maps: dict[torch.device, _DeviceMaps] = {}
         self._error_flags: dict[torch.device, torch.Tensor] = {}
         self._n_sms: dict[torch.device, int] = {}
         self.update_redundancy_mapping()
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup | None:
+        """DeepSeek LPLB's name of the EP process group (``group``)."""
+        return self.group
 
     def update_redundancy_mapping(
         self, workload: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Lay out the physical experts, optionally reordered by a load history.
 
-        With a history, experts are spread over ranks by EPLB (no replication), each rank's
-        experts are sorted by history load (heaviest first, stable) and the first C * D become
-        the replicated ones; without it, rank r holds experts r * n_local_logical onwards.
+        With a history, experts are spread over ranks as DeepSeek LPLB does (``rebalance_experts
+        (history[None], E, n_group, num_nodes, ep_size)``, no replication), each rank's experts
+        are sorted by history load (heaviest first, stable) and the first C * D become the
+        replicated ones; without it, rank r holds experts r * n_local_logical onwards.
         Redundant slot n_local_logical + c * D + d of rank r copies original slot c * D + d of
-        rank r2o[r, d] of the same group.
+        rank r2o[r, d] of the same group (lplb/layout.py).
 
         Args:
-            workload: optional [E] load history (any int/float dtype, any device).
+            workload: optional [E] load history (any int/float dtype, any device), finite and
+                non-negative.
 
-        Returns (on the device of the Planner's r2o, also kept as attributes):
-            phy2log: [R] int64 logical expert of each physical slot.
-            log2phy: [E, 2] int64 physical slots of each expert, original first, -1 padded.
-            logcnt: [E] int64 number of physical copies (1 or 2).
+        Returns (on the device of the Planner's r2o, int32 like DeepSeek LPLB's; also kept as
+        attributes):
+            phy2log: [R] logical expert of each physical slot.
+            log2phy: [E, 2] physical slots of each expert, original first, -1 padded.
+            logcnt: [E] number of physical copies (1 or 2).
         """
-        ep, n_ll, n_lr = self.ep_size, self.n_local_logical, self.n_local_routed
-        n_rep = self.n_combined * self.n_sets
-        if workload is None:
-            experts = torch.arange(self.n_logical).view(ep, n_ll)
-        else:
-            if not isinstance(workload, torch.Tensor) or workload.shape != (self.n_logical,):
-                shape = tuple(workload.shape) if isinstance(workload, torch.Tensor) else workload
+        history = None
+        if workload is not None:
+            load_tensor("workload", tensor("workload", workload))
+            if workload.shape != (self.n_logical,):
                 raise ValueError(
-                    f"workload must be a tensor of shape [{self.n_logical}], got {shape}"
+                    f"workload must have shape [{self.n_logical}], got {tuple(workload.shape)}"
                 )
+            if workload.device.type == "meta":
+                raise ValueError("workload must hold values (CPU or CUDA), got a meta tensor")
             history = workload.detach().to("cpu", torch.float64)
-            placed, _, _ = eplb.rebalance_experts(history[None], self.n_logical, 1, 1, ep)
-            experts = placed[0].view(ep, n_ll)
-            order = torch.sort(history[experts], dim=1, descending=True, stable=True).indices
-            experts = experts.gather(1, order)
-
-        ranks = torch.arange(ep)
-        # Global rank holding the original of rank r's d-th redundant set: [ep, D].
-        source = (ranks // self.group_size * self.group_size)[:, None] + self._r2o[
-            ranks % self.group_size
-        ]
-        rep_slot = torch.arange(n_rep).view(self.n_combined, self.n_sets)
-        copies = experts[source[:, None, :], rep_slot].reshape(ep, n_rep)
-        phy2log = torch.cat([experts, copies], dim=1).reshape(-1)
-
-        slot_ids = torch.arange(ep * n_lr).view(ep, n_lr)
-        log2phy = torch.full((self.n_logical, 2), -1, dtype=torch.int64)
-        log2phy[experts.reshape(-1), 0] = slot_ids[:, :n_ll].reshape(-1)
-        log2phy[copies.reshape(-1), 1] = slot_ids[:, n_ll:].reshape(-1)
-        logcnt = 1 + (log2phy[:, 1] >= 0).to(torch.int64)
-
-        # Flat index g*G*D + r*D + d into probs equals global_rank*D + d.
-        prob_index = torch.full((self.n_logical,), -1, dtype=torch.int64)
-        prob_index[experts[:, :n_rep].reshape(-1)] = (
-            ranks[:, None] * self.n_sets + torch.arange(n_rep) % self.n_sets
-        ).reshape(-1)
-
+        experts = expert_order(history, self.n_logical, self.ep_size, self.n_group, self.num_nodes)
+        layout = redundancy_layout(experts, self._r2o, self.n_combined, self.n_local_routed)
         self.phy2log, self.log2phy, self.logcnt, self.prob_index = (
-            t.to(self.device) for t in (phy2log, log2phy, logcnt, prob_index)
+            t.to(self.device, torch.int32)
+            for t in (layout.phy2log, layout.log2phy, layout.logcnt, layout.prob_index)
         )
         self._maps = {}
         if torch.cuda.is_available():
@@ -245,10 +236,10 @@ class Planner:
     def check_errors(self) -> None:
         """Raise ValueError if a device kernel saw an index outside [-1, E) (synchronises)."""
         for device, flag in self._error_flags.items():
-            if int(flag.item()) != 0:
+            if device.type != "meta" and int(flag.item()) != 0:
                 flag.zero_()
                 raise ValueError(
-                    f"an expert index outside [-1, {self.n_logical}) was passed to count_idx "
+                    f"an expert index outside [-1, {self.n_logical}) was passed to the Planner "
                     f"on {device}"
                 )
 
@@ -257,14 +248,15 @@ class Planner:
 
         Args:
             idx: any shape, int32/int64 logical expert indices in [-1, E) (-1 = no expert).
-            n_sms: chunks the flattened idx is cut into (>= 1).
+            n_sms: chunks the flattened idx is cut into, in [1, lplb.ops.MAX_N_SMS].
 
         Returns:
-            workload: [E] int32; workload_by_sm: [n_sms, E] int32, exclusive prefix of the
-            per-chunk counts.
+            workload: [E] int32; workload_by_sm: [n_sms, E] int32, inclusive running totals of
+            the per-chunk counts (row s counts chunks 0..s; the last row equals workload), as
+            DeepSeek LPLB returns them.
         """
-        idx = _check_idx(idx)
-        n_sms = _positive_int("n_sms", n_sms)
+        int_tensor("idx", idx, dtypes=ops.INDEX_DTYPES)
+        n_sms = positive_int("n_sms", n_sms, maximum=ops.MAX_N_SMS)
         return torch.ops.lplb.count_idx(idx, self._error_flag(idx.device), self.n_logical, n_sms)
 
     def solve_probs(
@@ -275,42 +267,30 @@ class Planner:
         Args:
             workload: [E] tokens per logical expert of this rank (int/float dtype); summed over
                 `group` (on a copy) before solving when the Planner has one.
-            avail_counter: one-element int32/int64 tensor, incremented in place by the number
-                of groups whose LP converged.
+            avail_counter: one-element int32/int64 tensor on workload's device, incremented in
+                place by the number of groups whose LP converged.
 
         Returns:
             probs: [n_group, group_size, D] float32, share of each replicated set kept on its
                 original rank.
-            global_workload: [E] the (summed) workload that was solved for.
+            global_workload: [n_group, group_size, n_local_logical] float32, the (summed)
+                workload that was solved for, viewed by rank as DeepSeek LPLB returns it.
         """
-        if not isinstance(workload, torch.Tensor) or workload.shape != (self.n_logical,):
-            shape = tuple(workload.shape) if isinstance(workload, torch.Tensor) else workload
-            raise ValueError(f"workload must be a tensor of shape [{self.n_logical}], got {shape}")
-        if not isinstance(avail_counter, torch.Tensor) or avail_counter.dtype not in (
-            torch.int32,
-            torch.int64,
-        ):
-            kind = avail_counter.dtype if isinstance(avail_counter, torch.Tensor) else avail_counter
-            raise TypeError(f"avail_counter must be an int32/int64 tensor, got {kind}")
-        if avail_counter.numel() != 1:
+        tensor("workload", workload)
+        int_tensor("avail_counter", avail_counter, dtypes=ops.INDEX_DTYPES)
+        if workload.shape != (self.n_logical,):
             raise ValueError(
-                f"avail_counter must have one element, got shape {tuple(avail_counter.shape)}"
+                f"workload must have shape [{self.n_logical}], got {tuple(workload.shape)}"
             )
         if self.group is not None:
             workload = workload.clone()
             dist.all_reduce(workload, group=self.group)
         maps = self._device_maps(workload.device)
         probs = torch.ops.lplb.solve(
-            workload,
-            maps.phy2log,
-            maps.r2o,
-            maps.o2r,
-            avail_counter,
-            self.n_local_logical,
-            self.n_local_routed,
-            self.n_combined,
+            workload, maps.phy2log, maps.r2o, maps.o2r, avail_counter, self._layout_ints
         )
-        return probs, workload
+        shape = (self.n_group, self.group_size, self.n_local_logical)
+        return probs, workload.to(torch.float32).view(shape)
 
     def weighted_select_target(
         self,
@@ -329,9 +309,13 @@ class Planner:
 
         Returns:
             Physical expert of every entry in [0, R), same shape and dtype as idx; -1 kept.
+            Entries outside [-1, E) raise ValueError on the CPU; on a GPU they map to -1 and
+            set the error flag that `check_errors` reads.
         """
-        idx = _check_idx(idx)
-        n_sms = _positive_int("n_sms", n_sms)
+        int_tensor("idx", idx, dtypes=ops.INDEX_DTYPES)
+        tensor("probs", probs)
+        tensor("workload_by_sm", workload_by_sm)
+        n_sms = positive_int("n_sms", n_sms, maximum=ops.MAX_N_SMS)
         expected = (self.n_group, self.group_size, self.n_sets)
         if probs.shape != expected:
             raise ValueError(f"probs must have shape {list(expected)}, got {tuple(probs.shape)}")
@@ -341,7 +325,9 @@ class Planner:
                 f"got {tuple(workload_by_sm.shape)}"
             )
         maps = self._device_maps(idx.device)
-        return torch.ops.lplb.map_idx(idx, probs, workload_by_sm, maps.log2phy, maps.prob_index)
+        return torch.ops.lplb.map_idx(
+            idx, probs, workload_by_sm, maps.log2phy, maps.prob_index, self._error_flag(idx.device)
+        )
 
     def run(
         self, idx: torch.Tensor, avail_counter: torch.Tensor, n_sms: int | None = None
@@ -357,7 +343,7 @@ class Planner:
         Returns:
             Physical expert indices, same shape and dtype as idx.
         """
-        idx = _check_idx(idx)
+        int_tensor("idx", idx, dtypes=ops.INDEX_DTYPES)
         if n_sms is None:
             n_sms = self._default_n_sms(idx.device)
         workload, workload_by_sm = self.count_workload(idx, n_sms)

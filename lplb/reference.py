@@ -27,8 +27,20 @@ def _chunk_of_entries(n: int, n_sms: int) -> torch.Tensor:
     return torch.arange(n, dtype=torch.int64) // chunk
 
 
+def _checked_flat(idx: torch.Tensor, n_logical: int) -> torch.Tensor:
+    """Flattened int64 ``idx``; ValueError naming the first entry outside [-1, n_logical)."""
+    flat = idx.reshape(-1).to(torch.int64)
+    bad = (flat < -1) | (flat >= n_logical)
+    if bool(bad.any()):
+        raise ValueError(
+            f"idx contains {flat[bad][0].item()}, outside [-1, {n_logical}) "
+            f"(n_logical_routed_experts = {n_logical})"
+        )
+    return flat
+
+
 def count_idx(idx: torch.Tensor, n_logical: int, n_sms: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Count tokens per logical expert, overall and as an exclusive prefix over SM chunks.
+    """Count tokens per logical expert, overall and as inclusive running totals over SM chunks.
 
     The flattened `idx` (N entries) is cut into `n_sms` chunks of `ceil(N / n_sms)` consecutive
     entries; `-1` entries are not counted.
@@ -40,25 +52,19 @@ def count_idx(idx: torch.Tensor, n_logical: int, n_sms: int) -> tuple[torch.Tens
 
     Returns:
         workload: [E] int32, tokens per expert.
-        workload_by_sm: [n_sms, E] int32, tokens per expert in chunks 0..s-1.
+        workload_by_sm: [n_sms, E] int32, row s = tokens per expert in chunks 0..s (the last
+        row equals workload, as in DeepSeek LPLB).
 
     Raises:
         ValueError: if an index lies outside [-1, n_logical).
     """
-    flat = idx.reshape(-1).to(torch.int64)
-    bad = (flat < -1) | (flat >= n_logical)
-    if bool(bad.any()):
-        raise ValueError(
-            f"idx contains {flat[bad][0].item()}, outside [-1, {n_logical}) "
-            f"(n_logical_routed_experts = {n_logical})"
-        )
+    flat = _checked_flat(idx, n_logical)
     sm = _chunk_of_entries(flat.numel(), n_sms)
     valid = flat >= 0
     counts = torch.bincount(sm[valid] * n_logical + flat[valid], minlength=n_sms * n_logical).view(
         n_sms, n_logical
     )
-    prefix = counts.cumsum(0) - counts
-    return counts.sum(0).to(torch.int32), prefix.to(torch.int32)
+    return counts.sum(0).to(torch.int32), counts.cumsum(0).to(torch.int32)
 
 
 def group_loads(
@@ -362,14 +368,17 @@ def map_idx(
     Args:
         idx: any shape, int32 or int64, values in [-1, E).
         probs: [n_group, G, D] float32 shares.
-        workload_by_sm: [n_sms, E] integer exclusive prefix counts from `count_idx` on `idx`.
+        workload_by_sm: [n_sms, E] integer inclusive running totals from `count_idx` on `idx`.
         log2phy: [E, 2] integer physical slot of the original and of the replica (-1 if none).
         prob_index: [E] integer flat index into `probs` of each expert's share, -1 if none.
 
     Returns:
         Physical slot of every entry, same shape and dtype as `idx`; -1 stays -1.
+
+    Raises:
+        ValueError: if an index lies outside [-1, E).
     """
-    flat = idx.reshape(-1).to(torch.int64)
+    flat = _checked_flat(idx, workload_by_sm.shape[1])
     n = flat.numel()
     n_sms, n_logical = workload_by_sm.shape
     sm = _chunk_of_entries(n, n_sms)
@@ -383,7 +392,11 @@ def map_idx(
     run_start = torch.searchsorted(sorted_key, sorted_key)
     local = torch.empty_like(flat)
     local[order] = torch.arange(n, dtype=torch.int64) - run_start
-    k = (workload_by_sm.to(torch.int64)[sm, expert] + local).to(torch.float64)
+    # Tokens of each expert in the chunks before this one: the previous inclusive row.
+    before = torch.cat(
+        [workload_by_sm.new_zeros(1, n_logical), workload_by_sm[:-1]]
+    ).to(torch.int64)
+    k = (before[sm, expert] + local).to(torch.float64)
 
     pidx = prob_index.to(torch.int64)[expert]
     share = probs.reshape(-1).to(torch.float64)[pidx.clamp(min=0)]

@@ -8,11 +8,13 @@ exactly two ranks of the group (its original and one copy).
 
 import torch
 
-__all__ = ["CUBE_8P2E", "HYPERCUBE_16P2E", "RING_8P", "torus_2d", "validate_r2o"]
+from eplb.checks import int_tensor, positive_int
+
+__all__ = ["CUBE_8P2E", "HYPERCUBE_16P2E", "RING_8P", "ring", "torus_2d", "validate_r2o"]
 
 
 def _from_columns(*columns: list[int]) -> torch.Tensor:
-    """Stack topology columns (DESIGN.md lists them column by column) into [group_size, D]."""
+    """Stack topology columns (docs/lplb.md lists them column by column) into [group_size, D]."""
     return torch.tensor(columns, dtype=torch.int64).T.contiguous()
 
 
@@ -22,7 +24,21 @@ HYPERCUBE_16P2E: torch.Tensor = _from_columns(
     [3, 0, 1, 2, 7, 4, 5, 6, 11, 8, 9, 10, 15, 12, 13, 14],
     [12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
 )
-RING_8P: torch.Tensor = _from_columns([1, 2, 3, 4, 5, 6, 7, 0])
+
+
+def ring(n: int) -> torch.Tensor:
+    """Ring of ``n >= 2`` ranks: rank ``r`` holds copies of rank ``(r + 1) % n``'s replicated set.
+
+    Returns:
+        r2o: [n, 1] int64. ``ring(8)`` is ``RING_8P``.
+    """
+    n = positive_int("n", n, maximum=1 << 16)
+    if n < 2:
+        raise ValueError(f"ring needs n >= 2 ranks (a ring of 1 is a fixed point), got {n}")
+    return ((torch.arange(n) + 1) % n)[:, None].contiguous()
+
+
+RING_8P: torch.Tensor = ring(8)
 
 
 def torus_2d(m: int, n: int) -> torch.Tensor:
@@ -34,7 +50,8 @@ def torus_2d(m: int, n: int) -> torch.Tensor:
     Returns:
         r2o: [m * n, 2] int64.
     """
-    if not (isinstance(m, int) and isinstance(n, int)) or m < 2 or n < 2:
+    m, n = positive_int("m", m, maximum=1024), positive_int("n", n, maximum=1024)
+    if m < 2 or n < 2:
         raise ValueError(
             f"torus_2d needs integer sides >= 2 (a side of 1 is a fixed point), got {m}x{n}"
         )
@@ -51,10 +68,9 @@ def validate_r2o(r2o: torch.Tensor, ep_size: int | None = None) -> None:
             without fixed points.
         ep_size: if given, must be a positive multiple of group_size.
     """
-    if not isinstance(r2o, torch.Tensor):
-        raise TypeError(f"redundant_to_original must be a torch.Tensor, got {type(r2o).__name__}")
-    if r2o.dtype.is_floating_point or r2o.dtype.is_complex or r2o.dtype == torch.bool:
-        raise TypeError(f"redundant_to_original must have an integer dtype, got {r2o.dtype}")
+    int_tensor("redundant_to_original", r2o)
+    if r2o.device.type == "meta":
+        raise ValueError("redundant_to_original must hold values (CPU or CUDA), got a meta tensor")
     if r2o.dim() != 2 or r2o.shape[0] < 2 or r2o.shape[1] < 1:
         raise ValueError(
             "redundant_to_original must be 2-D [group_size >= 2, D >= 1], "
@@ -75,9 +91,7 @@ def validate_r2o(r2o: torch.Tensor, ep_size: int | None = None) -> None:
                 f"redundant_to_original column {d} maps rank {fixed[0].item()} to itself "
                 f"(a rank cannot hold a copy of its own experts): {col.tolist()}"
             )
-    if ep_size is not None and (
-        not isinstance(ep_size, int) or ep_size < 1 or ep_size % group_size != 0
-    ):
+    if ep_size is not None and positive_int("ep_size", ep_size) % group_size != 0:
         raise ValueError(
             f"ep_size must be a positive multiple of the topology's group size {group_size}, "
             f"got {ep_size}"

@@ -14,12 +14,12 @@ CUDA = torch.device("cuda")
 
 
 def _prefix_by_definition(idx: torch.Tensor, n_logical: int, n_sms: int) -> torch.Tensor:
-    """workload_by_sm[s, e] = entries equal to e in chunks 0..s-1 (chunks of ceil(N/n_sms))."""
+    """workload_by_sm[s, e] = entries equal to e in chunks 0..s (chunks of ceil(N/n_sms))."""
     flat = idx.reshape(-1).cpu().to(torch.int64)
     chunk = max(1, -(-flat.numel() // n_sms))
     out = torch.zeros((n_sms, n_logical), dtype=torch.int64)
-    for s in range(1, n_sms):
-        part = flat[: s * chunk]
+    for s in range(n_sms):
+        part = flat[: (s + 1) * chunk]
         out[s] = torch.bincount(part[(part >= 0) & (part < n_logical)], minlength=n_logical)
     return out
 
@@ -101,8 +101,9 @@ def test_map_idx_matches_reference(shape, n_sms: int, reordered: bool, dtype) ->
     flag = torch.zeros(1, dtype=torch.int32, device=CUDA)
     _, by_sm = torch.ops.lplb.count_idx(idx.to(CUDA), flag, N_LOGICAL, n_sms)
     got = torch.ops.lplb.map_idx(
-        idx.to(CUDA), probs.to(CUDA), by_sm, log2phy.to(CUDA), prob_index.to(CUDA)
+        idx.to(CUDA), probs.to(CUDA), by_sm, log2phy.to(CUDA), prob_index.to(CUDA), flag
     ).cpu()
+    assert int(flag) == 0
     _, by_sm_cpu = reference.count_idx(idx, N_LOGICAL, n_sms)
     expected = reference.map_idx(idx, probs, by_sm_cpu, log2phy, prob_index)
     assert got.dtype == dtype and got.shape == idx.shape
@@ -134,7 +135,7 @@ def test_map_idx_does_not_depend_on_n_sms() -> None:
     outs = []
     for n_sms in (1, 8, 132, 1000):
         _, by_sm = torch.ops.lplb.count_idx(idx, flag, N_LOGICAL, n_sms)
-        outs.append(torch.ops.lplb.map_idx(idx, probs, by_sm, *maps))
+        outs.append(torch.ops.lplb.map_idx(idx, probs, by_sm, *maps, flag))
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
 
@@ -148,14 +149,17 @@ def test_map_idx_out_of_range_gives_minus_one() -> None:
     flag = torch.zeros(1, dtype=torch.int32, device=CUDA)
     idx_gpu = idx.to(CUDA)
     _, by_sm = torch.ops.lplb.count_idx(idx_gpu, flag, N_LOGICAL, 132)
+    assert int(flag) == 1
+    map_flag = torch.zeros(1, dtype=torch.int32, device=CUDA)
     out = torch.ops.lplb.map_idx(
         idx_gpu,
         probs,
         by_sm,
         planner.log2phy.to(CUDA, torch.int32),
         planner.prob_index.to(CUDA, torch.int32),
+        map_flag,
     ).cpu()
-    assert int(flag) == 1
+    assert int(map_flag) == 1  # map_idx flags bad entries on its own too
     assert out[0, 0] == -1 and out[1, 1] == -1 and out[2, 2] == -1
     valid = (idx >= 0) & (idx < N_LOGICAL)
     assert bool((out[valid] >= 0).all())

@@ -4,16 +4,18 @@ thousands of random groups per topology and on edge cases."""
 import numpy as np
 import pytest
 import torch
-from lp_oracle import lp_loads, optimal_max_load, random_workloads
-from lplb_cases import (
+from lplb_cases import plain_and_reordered
+
+from lplb import CUBE_8P2E, HYPERCUBE_16P2E, Planner
+from lplb.oracle import (
     N_LOGICAL,
     REDUNDANCY_CONFIGS,
-    plain_and_reordered,
+    lp_loads,
+    optimal_max_load,
+    random_workloads,
     stack_layouts,
     stacked_loads,
 )
-
-from lplb import CUBE_8P2E, HYPERCUBE_16P2E, Planner
 
 pytestmark = pytest.mark.gpu
 
@@ -39,7 +41,7 @@ def _solve_both(planner: Planner, workload: torch.Tensor, phy2log: torch.Tensor)
             phy2log.to(device, torch.int32),
             *(a.to(device) for a in args),
             counter,
-            *layout,
+            list(layout),
         )
         results += [probs.cpu().double().numpy().reshape(-1, *planner.r2o.shape), int(counter)]
     return tuple(results)
@@ -132,11 +134,11 @@ def test_bad_sizes_raise_before_launch() -> None:
     layout = (planner.n_local_logical, planner.n_local_routed, planner.n_combined)
     wide = torch.zeros((8, 5), dtype=torch.int32, device=CUDA)
     with pytest.raises(ValueError, match="D must be in"):
-        torch.ops.lplb.solve(workload, maps.phy2log, wide, wide, counter, *layout)
+        torch.ops.lplb.solve(workload, maps.phy2log, wide, wide, counter, list(layout))
     big = torch.zeros((33, 2), dtype=torch.int32, device=CUDA)
     with pytest.raises(ValueError, match="group size"):
-        torch.ops.lplb.solve(workload, maps.phy2log, big, big, counter, *layout)
+        torch.ops.lplb.solve(workload, maps.phy2log, big, big, counter, list(layout))
     with pytest.raises(ValueError, match="phy2log"):
-        torch.ops.lplb.solve(workload, maps.phy2log[:-1], maps.r2o, maps.o2r, counter, *layout)
+        torch.ops.lplb.solve(workload, maps.phy2log[:-1], maps.r2o, maps.o2r, counter, list(layout))
     with pytest.raises(TypeError, match="avail_counter"):
-        torch.ops.lplb.solve(workload, maps.phy2log, maps.r2o, maps.o2r, counter.float(), *layout)
+        torch.ops.lplb.solve(workload, maps.phy2log, maps.r2o, maps.o2r, counter.float(), list(layout))

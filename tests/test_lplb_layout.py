@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from lp_oracle import random_workloads
 
 import eplb
 from lplb import CUBE_8P2E, HYPERCUBE_16P2E, RING_8P, Planner, torus_2d
+from lplb.oracle import random_workloads
 
 N_LOGICAL = 256
 
@@ -14,7 +14,7 @@ N_LOGICAL = 256
 def _check_layout(planner: Planner, maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     """Every invariant of docs/lp.md "Physical layout", with plain loops over slots."""
     phy2log, log2phy, logcnt = maps
-    assert phy2log.dtype == log2phy.dtype == logcnt.dtype == torch.int64
+    assert phy2log.dtype == log2phy.dtype == logcnt.dtype == torch.int32  # as DeepSeek LPLB
     assert phy2log.shape == (planner.n_routed,)
     assert log2phy.shape == (N_LOGICAL, 2)
     g, d_sets = planner.r2o.shape
@@ -55,14 +55,25 @@ def test_identity_layout(r2o: torch.Tensor, ep: int, k: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("r2o", "ep", "k"), [(CUBE_8P2E, 32, 4), (torus_2d(8, 4), 32, 2), (RING_8P, 16, 1)]
+    ("r2o", "ep", "k", "nodes"),
+    [
+        (CUBE_8P2E, 32, 4, 1),
+        (CUBE_8P2E, 32, 4, 4),  # hierarchical: n_group 4 on 4 nodes
+        (CUBE_8P2E, 32, 2, 3),  # n_group 4 not divisible by 3 nodes: the global policy
+        (torus_2d(8, 4), 32, 2, 1),
+        (RING_8P, 16, 1, 2),
+    ],
 )
-def test_reordered_layout_follows_eplb_and_history(r2o: torch.Tensor, ep: int, k: int) -> None:
+def test_reordered_layout_follows_eplb_and_history(
+    r2o: torch.Tensor, ep: int, k: int, nodes: int
+) -> None:
+    """The reordering is DeepSeek LPLB's: rebalance_experts(w[None], E, n_group, nodes, ep)."""
     history = torch.from_numpy(random_workloads(np.random.default_rng(ep + k), 3, N_LOGICAL)[2, 0])
-    planner = Planner(r2o, N_LOGICAL + k * ep, N_LOGICAL, ep_size=ep)
+    planner = Planner(r2o, N_LOGICAL + k * ep, N_LOGICAL, ep_size=ep, num_nodes=nodes)
     maps = planner.update_redundancy_mapping(history)
     _check_layout(planner, maps)
-    placed = eplb.rebalance_experts(history[None].double(), N_LOGICAL, 1, 1, ep)[0]
+    n_group = ep // r2o.shape[0]
+    placed = eplb.rebalance_experts(history[None].double(), N_LOGICAL, n_group, nodes, ep)[0]
     n_ll = N_LOGICAL // ep
     originals = maps[0].view(ep, -1)[:, :n_ll]
     for rank in range(ep):
@@ -108,3 +119,18 @@ def test_ep_size_defaults_to_group_size() -> None:
     planner = Planner(CUBE_8P2E, 64 + 16, 64)
     assert planner.ep_size == 8
     assert planner.n_group == 1
+
+
+def test_num_nodes_defaults_to_lplb_rule_and_is_validated() -> None:
+    planner = Planner(CUBE_8P2E, 320, N_LOGICAL, ep_size=32)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert planner.num_nodes == (max(1, 32 // gpus) if gpus else 1)
+    with pytest.raises(ValueError, match="num_nodes"):
+        Planner(CUBE_8P2E, 320, N_LOGICAL, ep_size=32, num_nodes=0)
+    with pytest.raises(TypeError, match="num_nodes"):
+        Planner(CUBE_8P2E, 320, N_LOGICAL, ep_size=32, num_nodes=2.0)
+
+
+def test_group_must_be_a_process_group() -> None:
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        Planner(CUBE_8P2E, 320, N_LOGICAL, ep_size=32, group=object())

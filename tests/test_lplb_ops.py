@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from lp_oracle import random_workloads
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lplb import CUBE_8P2E, Planner
+from lplb.oracle import random_workloads
 
 N_LOGICAL = 64
 
@@ -35,11 +35,16 @@ def _op_args(planner: Planner, idx: torch.Tensor, n_sms: int = 4) -> dict[str, t
             maps.r2o,
             maps.o2r,
             torch.zeros(1, dtype=torch.int32),
-            planner.n_local_logical,
-            planner.n_local_routed,
-            planner.n_combined,
+            [planner.n_local_logical, planner.n_local_routed, planner.n_combined],
         ),
-        "map_idx": (idx, probs, by_sm, maps.log2phy, maps.prob_index),
+        "map_idx": (
+            idx,
+            probs,
+            by_sm,
+            maps.log2phy,
+            maps.prob_index,
+            torch.zeros(1, dtype=torch.int32),
+        ),
     }
 
 
@@ -50,12 +55,11 @@ def test_schemas_are_the_backend_contract() -> None:
     )
     assert str(torch.ops.lplb.solve.default._schema) == (
         "lplb::solve(Tensor workload, Tensor phy2log, Tensor r2o, Tensor o2r, "
-        "Tensor(a!) avail_counter, int n_local_logical, int n_local_routed, int n_combined) "
-        "-> Tensor"
+        "Tensor(a!) avail_counter, int[] layout) -> Tensor"
     )
     assert str(torch.ops.lplb.map_idx.default._schema) == (
         "lplb::map_idx(Tensor idx, Tensor probs, Tensor workload_by_sm, Tensor log2phy, "
-        "Tensor prob_index) -> Tensor"
+        "Tensor prob_index, Tensor(a!) error_flag) -> Tensor"
     )
 
 
@@ -93,3 +97,35 @@ def test_run_compiles_with_fullgraph_and_matches_eager() -> None:
         out = compiled(idx, compiled_counter)
         assert torch.equal(out, eager)
     assert int(compiled_counter) == 2 * int(eager_counter) == 2 * planner.n_group
+
+
+@pytest.mark.parametrize("name", ["count_idx", "solve", "map_idx"])
+def test_meta_tensors_raise_outside_tracing(name: str) -> None:
+    """A real meta tensor would reach the fake kernel and return uninitialised memory."""
+    args = _op_args(_planner(), _idx())[name]
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises(ValueError, match="meta"):
+        getattr(torch.ops.lplb, name)(*meta)
+
+
+@pytest.mark.parametrize("name", ["count_idx", "solve", "map_idx"])
+def test_mixed_devices_raise(name: str) -> None:
+    args = list(_op_args(_planner(), _idx())[name])
+    args[1] = args[1].to("meta")  # the second tensor on another device than the first
+    with pytest.raises(ValueError, match="is on meta"):
+        getattr(torch.ops.lplb, name)(*args)
+
+
+def test_map_idx_raises_for_indices_outside_range_on_cpu() -> None:
+    """-2 must not be dropped silently: count_idx and map_idx both raise on the CPU."""
+    planner = _planner()
+    idx = _idx()
+    args = list(_op_args(planner, idx)["map_idx"])
+    bad = idx.clone()
+    bad[3, 1] = -2
+    args[0] = bad
+    with pytest.raises(ValueError, match="-2"):
+        torch.ops.lplb.map_idx(*args)
+    bad[3, 1] = N_LOGICAL
+    with pytest.raises(ValueError, match=str(N_LOGICAL)):
+        planner.weighted_select_target(bad, args[1], args[2], 4)

@@ -3,16 +3,18 @@
 import numpy as np
 import pytest
 import torch
-from lp_oracle import lp_loads, optimal_max_load, random_workloads
-from lplb_cases import (
+from lplb_cases import plain_and_reordered
+
+from lplb import CUBE_8P2E, HYPERCUBE_16P2E, RING_8P, Planner, reference, torus_2d
+from lplb.oracle import (
     N_LOGICAL,
     REDUNDANCY_CONFIGS,
-    plain_and_reordered,
+    lp_loads,
+    optimal_max_load,
+    random_workloads,
     stack_layouts,
     stacked_loads,
 )
-
-from lplb import CUBE_8P2E, HYPERCUBE_16P2E, RING_8P, Planner, reference, torus_2d
 
 # (r2o, ep_size, redundant slots per rank k), ids like CUBE_8P2E-ep32-k2.
 CONFIGS = [pytest.param(r2o, ep, k, id=f"{n}-ep{ep}-k{k}") for n, r2o, ep, k in REDUNDANCY_CONFIGS]
@@ -33,9 +35,7 @@ def _solve_stacked(planner: Planner, workloads: np.ndarray, phy2logs: list[torch
         planner.r2o.to(torch.int32),
         planner.o2r.to(torch.int32),
         counter,
-        planner.n_local_logical,
-        planner.n_local_routed,
-        planner.n_combined,
+        [planner.n_local_logical, planner.n_local_routed, planner.n_combined],
     )
     shape = (len(workloads), planner.n_group, planner.group_size, planner.n_sets)
     return probs.view(shape), int(counter)

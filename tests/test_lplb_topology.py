@@ -1,9 +1,9 @@
-"""Topology constants (DESIGN.md) and validation of redundant_to_original matrices."""
+"""Topology constants (docs/lplb.md, "Topologies") and validation of redundant_to_original matrices."""
 
 import pytest
 import torch
 
-from lplb import CUBE_8P2E, HYPERCUBE_16P2E, RING_8P, torus_2d, validate_r2o
+from lplb import CUBE_8P2E, HYPERCUBE_16P2E, RING_8P, ring, torus_2d, validate_r2o
 
 
 def test_constants_match_design_columns() -> None:
@@ -28,10 +28,30 @@ def test_torus_rows(m: int, n: int) -> None:
     validate_r2o(r2o, ep_size=2 * m * n)
 
 
-@pytest.mark.parametrize(("m", "n"), [(1, 4), (4, 1), (2.0, 2)])
+@pytest.mark.parametrize(("m", "n"), [(1, 4), (4, 1)])
 def test_degenerate_torus_raises(m: object, n: object) -> None:
     with pytest.raises(ValueError, match="torus_2d"):
         torus_2d(m, n)
+
+
+def test_torus_sides_must_be_ints() -> None:
+    with pytest.raises(TypeError, match="m must be an int"):
+        torus_2d(2.0, 2)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_ring_is_a_valid_topology(n: int) -> None:
+    r2o = ring(n)
+    assert r2o.tolist() == [[(r + 1) % n] for r in range(n)]
+    validate_r2o(r2o, ep_size=n)
+
+
+def test_ring_8_is_ring_8p_and_bad_sizes_raise() -> None:
+    assert torch.equal(ring(8), RING_8P)
+    with pytest.raises(ValueError, match="n >= 2"):
+        ring(1)
+    with pytest.raises(TypeError, match="n must be an int"):
+        ring(2.5)
 
 
 @pytest.mark.parametrize(

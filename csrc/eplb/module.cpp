@@ -78,8 +78,8 @@ void balanced(uintptr_t weight, int64_t num_layers, const eplb::Shape& shape, ui
 }
 
 // log2phy[l, e, r] = the slot holding copy r of expert e; -1 where there is none. Returns false
-// (leaving `out` partly written) when a used slot has an expert id >= num_experts or a rank
-// outside [0, maxcnt).
+// (leaving `out` partly written) when a used slot has an expert id >= num_experts, a rank
+// outside [0, maxcnt), or the same (expert, rank) as another slot.
 bool log2phy(uintptr_t phy2log, uintptr_t phyrank, int64_t num_layers, int64_t num_replicas,
              int64_t num_experts, int64_t maxcnt, uintptr_t out) {
   py::gil_scoped_release release;
@@ -92,7 +92,9 @@ bool log2phy(uintptr_t phy2log, uintptr_t phyrank, int64_t num_layers, int64_t n
       const int64_t e = p2l[l * num_replicas + p], r = rank[l * num_replicas + p];
       if (e < 0) continue;
       if (e >= num_experts || r < 0 || r >= maxcnt) return false;
-      dst[(l * num_experts + e) * maxcnt + r] = p;
+      int64_t& entry = dst[(l * num_experts + e) * maxcnt + r];
+      if (entry >= 0) return false;  // two slots claim the same copy of one expert
+      entry = p;
     }
   }
   return true;

@@ -1,7 +1,8 @@
-// count_idx: per-expert token counts of a flattened idx tensor, plus the exclusive prefix of those
-// counts over n_sms consecutive chunks (the global order map_idx needs). Two kernels: one block
-// per chunk builds a shared-memory histogram, then a column scan turns the per-chunk histograms
-// into the exclusive prefix in place. Deterministic: no result depends on atomic order.
+// count_idx: per-expert token counts of a flattened idx tensor, plus their inclusive running
+// totals over n_sms consecutive chunks (DeepSeek LPLB's workload_by_sm; map_idx derives each
+// chunk's global token order from it). Two kernels: one block per chunk builds a shared-memory
+// histogram, then a column scan turns the per-chunk histograms into running totals in place.
+// Deterministic: no result depends on atomic order.
 #include "common.cuh"
 #include "kernels.cuh"
 
@@ -80,9 +81,8 @@ __global__ void __launch_bounds__(kScanTile* kScanSlices)
     int run = part[threadIdx.y][threadIdx.x];
     for (int s = s0; s < s1; ++s) {
       std::int32_t* p = workload_by_sm + std::int64_t{s} * n_logical + e;
-      const int c = *p;
+      run += *p;
       *p = run;
-      run += c;
     }
   }
 }

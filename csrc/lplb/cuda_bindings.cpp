@@ -32,7 +32,7 @@ void register_cuda(py::module_& m) {
                                address<std::int32_t>(workload), address<std::int32_t>(workload_by_sm),
                                address<std::int32_t>(error_flag), lplb::as_stream(stream));
       },
-      "Launch count_idx: per-expert counts and their exclusive prefix over n_sms chunks.");
+      "Launch count_idx: per-expert counts and their running totals over n_sms chunks.");
 
   m.def(
       "solve_cuda",
@@ -68,13 +68,14 @@ void register_cuda(py::module_& m) {
       [](int device, std::uintptr_t idx, bool idx_int64, std::int64_t n, std::uintptr_t out,
          std::uintptr_t probs, std::int64_t n_probs, std::uintptr_t workload_by_sm, int n_sms,
          int n_logical, std::uintptr_t log2phy, std::uintptr_t prob_index,
-         std::uintptr_t stream) {
+         std::uintptr_t error_flag, std::uintptr_t stream) {
         use_device(device);
         lplb::launch_map_idx(address<const void>(idx), idx_int64, n, address<void>(out),
                              address<const float>(probs), n_probs,
                              address<const std::int32_t>(workload_by_sm), n_sms, n_logical,
-                             address<const std::int32_t>(log2phy), address<const std::int32_t>(prob_index),
-                             lplb::as_stream(stream));
+                             address<const std::int32_t>(log2phy),
+                             address<const std::int32_t>(prob_index),
+                             address<std::int32_t>(error_flag), lplb::as_stream(stream));
       },
       "Launch map_idx: route each replicated expert's tokens to original or replica.");
 

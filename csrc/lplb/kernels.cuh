@@ -12,7 +12,7 @@ namespace lplb {
 enum class WorkloadType : int { kInt32 = 0, kInt64 = 1, kFloat32 = 2, kFloat64 = 3 };
 
 // idx: n entries (int32 or int64). workload: int32 [n_logical]; workload_by_sm: int32
-// [n_sms, n_logical] (exclusive prefix over the n_sms chunks of ceil(n / n_sms) entries);
+// [n_sms, n_logical] (inclusive running totals over the n_sms chunks of ceil(n / n_sms) entries);
 // error_flag: int32 [1], set to 1 when an entry lies outside [-1, n_logical).
 void launch_count_idx(const void* idx, bool idx_int64, std::int64_t n, int n_logical, int n_sms,
                       std::int32_t* workload, std::int32_t* workload_by_sm,
@@ -40,11 +40,12 @@ struct SolveArgs {
 void launch_solve(const SolveArgs& args, cudaStream_t stream);
 
 // idx/out: n entries of the same integer type; probs: float32 (flat); workload_by_sm: int32
-// [n_sms, n_logical]; log2phy: int32 [n_logical, 2]; prob_index: int32 [n_logical].
+// [n_sms, n_logical] running totals; log2phy: int32 [n_logical, 2]; prob_index: int32
+// [n_logical]; error_flag: int32 [1], set to 1 when an entry lies outside [-1, n_logical).
 void launch_map_idx(const void* idx, bool idx_int64, std::int64_t n, void* out,
                     const float* probs, std::int64_t n_probs,
                     const std::int32_t* workload_by_sm, int n_sms, int n_logical,
                     const std::int32_t* log2phy, const std::int32_t* prob_index,
-                    cudaStream_t stream);
+                    std::int32_t* error_flag, cudaStream_t stream);
 
 }  // namespace lplb

@@ -1,12 +1,12 @@
 // map_idx: send every token of a replicated expert either to the original or to the replica.
 // Token k (global flattened order among the tokens of expert e) goes to the original iff
 // floor((k + 1) x + 0.5) > floor(k x + 0.5), x = the original's share (docs/lp.md). The global
-// order comes from count_idx's exclusive prefix over chunks, so every block works on its own
+// order comes from count_idx's running totals over chunks, so every block works on its own
 // chunk with no inter-block synchronisation, and the result is deterministic:
 //   pass 1: each warp counts the experts of its contiguous sub-chunk (shared memory), keeping
 //           the first tokens in registers for pass 2;
-//   scan:   per replicated expert, exclusive prefix over warps, offset by the block's
-//           workload_by_sm row;
+//   scan:   per replicated expert, exclusive prefix over warps, offset by the running totals
+//           of the chunks before the block's;
 //   pass 2: each warp walks its sub-chunk in order, 32 tokens at a time, ranking equal experts
 //           inside the warp with __match_any_sync and advancing its private running counts.
 #include "common.cuh"
@@ -31,7 +31,8 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
                    T* __restrict__ out, const float* __restrict__ probs, std::int64_t n_probs,
                    const std::int32_t* __restrict__ workload_by_sm, int n_logical,
                    const std::int32_t* __restrict__ log2phy,
-                   const std::int32_t* __restrict__ prob_index) {
+                   const std::int32_t* __restrict__ prob_index,
+                   std::int32_t* __restrict__ error_flag) {
   extern __shared__ __align__(16) unsigned char smem[];
   int4* experts = reinterpret_cast<int4*>(smem);  // [E] (share, original, replica, replicated)
   int* counts = reinterpret_cast<int*>(experts + n_logical);  // [warps, E]
@@ -39,7 +40,9 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
   const int warps = blockDim.x / 32;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const std::int32_t* prefix = workload_by_sm + std::int64_t{blockIdx.x} * n_logical;
+  // Tokens of each expert in the chunks before this block's: the previous running-total row.
+  const std::int32_t* prefix =
+      blockIdx.x == 0 ? nullptr : workload_by_sm + std::int64_t{blockIdx.x - 1} * n_logical;
 
   // Every global load that nothing else waits for is issued first, so that the latencies of
   // the per-expert inputs and of the tokens overlap instead of adding up.
@@ -49,7 +52,7 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
   if (e0 < n_logical) {
     pi0 = prob_index[e0];
     slots0 = make_int2(log2phy[2 * e0], log2phy[2 * e0 + 1]);
-    prefix0 = prefix[e0];
+    prefix0 = prefix ? prefix[e0] : 0;
   }
   const std::int64_t begin = blockIdx.x * chunk;
   const std::int64_t end = begin + chunk < n ? begin + chunk : n;
@@ -68,16 +71,23 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
 
   // Pass 1: per-warp counts of every valid expert in the warp's sub-chunk.
   int* my_counts = counts + warp * n_logical;
+  bool bad = false;
   auto count = [&](T v) {
-    if (v >= 0 && v < n_logical) atomicAdd(&my_counts[static_cast<int>(v)], 1);
+    if (v >= 0 && v < n_logical) {
+      atomicAdd(&my_counts[static_cast<int>(v)], 1);
+    } else if (v != -1) {
+      bad = true;
+    }
   };
 #pragma unroll
   for (int u = 0; u < kMapBatches; ++u) count(held[u]);
   for (std::int64_t i = wbegin + 32 * kMapBatches + lane; i < wend; i += 32) count(__ldg(idx + i));
+  // Every writer stores the same value, so the unordered stores are benign.
+  if (bad) *error_flag = 1;
   __syncthreads();
 
   // Per expert: its share and slots into shared memory, and for replicated experts the
-  // exclusive prefix over warps, offset by the block's workload_by_sm row.
+  // exclusive prefix over warps, offset by the tokens of the chunks before this block.
   for (int e = threadIdx.x; e < n_logical; e += blockDim.x) {
     const bool first = e == e0;
     const int pi = first ? pi0 : prob_index[e];
@@ -86,7 +96,7 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
     const int2 slots = first ? slots0 : make_int2(log2phy[2 * e], log2phy[2 * e + 1]);
     experts[e] = make_int4(__float_as_int(x), slots.x, slots.y, replicated);
     if (!replicated) continue;
-    int run = first ? prefix0 : prefix[e];
+    int run = first ? prefix0 : (prefix ? prefix[e] : 0);
     for (int w = 0; w < warps; ++w) {
       const int c = counts[w * n_logical + e];
       counts[w * n_logical + e] = run;
@@ -143,7 +153,7 @@ void launch_map_idx(const void* idx, bool idx_int64, std::int64_t n, void* out,
                     const float* probs, std::int64_t n_probs,
                     const std::int32_t* workload_by_sm, int n_sms, int n_logical,
                     const std::int32_t* log2phy, const std::int32_t* prob_index,
-                    cudaStream_t stream) {
+                    std::int32_t* error_flag, cudaStream_t stream) {
   const int per_warp = static_cast<int>(sizeof(int)) * n_logical;
   const int fixed = kPerExpertBytes * n_logical;
   int warps = (kMapSmemBudget - fixed) / per_warp;
@@ -158,7 +168,7 @@ void launch_map_idx(const void* idx, bool idx_int64, std::int64_t n, void* out,
     using T = decltype(tag);
     map_idx_kernel<T><<<n_sms, warps * 32, smem, stream>>>(
         static_cast<const T*>(idx), n, chunk, static_cast<T*>(out), probs, n_probs,
-        workload_by_sm, n_logical, log2phy, prob_index);
+        workload_by_sm, n_logical, log2phy, prob_index, error_flag);
   });
   check_launch("map_idx_kernel");
 }
