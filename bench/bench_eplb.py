@@ -3,7 +3,7 @@
 For DeepSeek-V3 scale (58 layers, 256 experts; hierarchical 288 replicas / 8 groups / 4 nodes /
 32 GPUs, and global 320 replicas / 64 GPUs) and a small configuration, on log-normal and Zipf(1.1)
 loads, measures the median time of
-  reference   tests/eplb_reference.py, the plain-loop DeepSeek algorithm
+  reference   eplb/reference.py, the plain-loop DeepSeek algorithm
   deepseek    eplb.rebalance_experts(policy="deepseek") (checked identical to the reference)
   balanced    eplb.rebalance_experts(policy="balanced")
   original    deepseek-ai/EPLB eplb.py itself, when --original PATH names a local copy of it
@@ -32,13 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import eplb
+from eplb.metrics import balancedness, count_duplicate_rows, gpu_loads
+from eplb.reference import rebalance_experts as reference_loop
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from eplb_reference import rebalance_experts as reference_loop  # noqa: E402
-
-import eplb  # noqa: E402
-from eplb.metrics import balancedness, count_duplicate_rows, gpu_loads  # noqa: E402
 
 # name -> (layers, experts, replicas, groups, nodes, gpus)
 CONFIGS = {

@@ -1,6 +1,6 @@
 """Balance quality of LPLB on the CPU reference: max/mean rank load per EP group.
 
-For each topology and redundancy, over many random workloads (tests/lp_oracle.py models:
+For each topology and redundancy, over many random workloads (lplb/oracle.py models:
 normal noise of relative sigma 0.3 / 1.0, Zipf-shaped), compares
   none         identity layout, every token on its original (x = 1)
   reorder      layout reordered by EPLB from a load history, x = 1
@@ -25,13 +25,18 @@ import numpy as np
 import scipy
 import torch
 
+from lplb import Planner, reference
+from lplb.oracle import (
+    KINDS,
+    N_LOGICAL,
+    REDUNDANCY_CONFIGS,
+    lp_loads,
+    optimal_max_load,
+    random_workloads,
+    stack_layouts,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from lp_oracle import KINDS, lp_loads, optimal_max_load, random_workloads  # noqa: E402
-from lplb_cases import N_LOGICAL, REDUNDANCY_CONFIGS, stack_layouts  # noqa: E402
-
-from lplb import Planner, reference  # noqa: E402
 
 DRAWS_PER_HISTORY = 5
 

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Build lplb._C with its CUDA kernels, then run the GPU tests, compute-sanitizer and the
-# benchmark on a GPU machine. Logs and the benchmark JSON go to $OUT (default /tmp/lplb-out).
-# Usage: bash bench/device_run.sh [build] [test] [sanitize] [bench]   (no argument: all four)
+# Build both extensions with the CUDA kernels, then run the GPU tests, compute-sanitizer and the
+# benchmarks on a GPU machine. Logs and JSON records go to $OUT (default /tmp/lplb-out).
+# Wheels in .whl/ (test dependencies the machine lacks) are installed to /tmp/site first.
+# Usage: bash bench/device_run.sh [build] [test] [sanitize] [bench] [make]   (none: the first four)
 set -uo pipefail
 OUT=${OUT:-/tmp/lplb-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build test sanitize bench)
 status=0
@@ -21,8 +26,7 @@ for step in "${steps[@]}"; do
       python3 -c "from lplb import _C; assert _C.has_cuda; print('built with CUDA')"
       ;;
     test)
-      python3 -m pytest -q -n 6 -p no:cacheprovider tests/test_gpu_count_map.py \
-        tests/test_gpu_solve.py tests/test_gpu_planner.py 2>&1 | tee "$OUT/pytest_gpu.log" \
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.log" \
         | tail -25 || status=1
       ;;
     sanitize)
@@ -35,6 +39,10 @@ for step in "${steps[@]}"; do
     bench)
       python3 bench/bench_lplb.py --out "$OUT/lplb_h100.json" 2>&1 | tee "$OUT/bench.log" \
         || status=1
+      ;;
+    make)
+      make test 2>&1 | tee "$OUT/make_test.log" | tail -6 || status=1
+      make demo 2>&1 | tee "$OUT/make_demo.log" | tail -30 || status=1
       ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

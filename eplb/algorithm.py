@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from eplb import _C
-from eplb.checks import LayoutError, positive_int
-from eplb.maps import log2phy_from_ranks, phy2log_to_log2phy
+from eplb.checks import MAX_SLOTS, LayoutError, int_tensor, loads, positive_int, readable
+from eplb.maps import _log2phy, phy2log_to_log2phy
 
 __all__ = [
     "POLICIES",
@@ -29,27 +29,22 @@ __all__ = [
 ]
 
 POLICIES = ("deepseek", "balanced")
-# Far above any real model (DeepSeek-V3 has 256 experts); a bound keeps absurd sizes from
-# allocating gigabytes or running for minutes.
-MAX_SLOTS = 1 << 20
+# The largest float32: the DeepSeek algorithm sums loads in float32, and a sum past it is inf.
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _checked_weight(weight: object) -> torch.Tensor:
-    """Loads as a CPU tensor of their own dtype; [L, E], finite, non-negative, int or float."""
-    try:
-        w = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(weight)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"weight must be a tensor or array of numbers, got {weight!r}") from None
-    if w.dtype == torch.bool or w.is_complex():
-        raise TypeError(f"weight must have an int or float dtype, got {w.dtype}")
-    if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
-        raise ValueError(f"weight must be a non-empty 2-D [layers, experts], got {tuple(w.shape)}")
-    w = w.detach().cpu()
-    low, high = torch.aminmax(w)  # one pass; NaN propagates into both
-    if not (bool(low >= 0) and bool(high < float("inf"))):
-        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
-            raise ValueError(f"weight must be finite, got {w[~torch.isfinite(w)][0].item()}")
-        raise ValueError(f"weight must be non-negative, got {low.item()}")
+    """Loads as a CPU tensor of their own dtype; [L, E], finite, non-negative, int or float, and
+    every layer's total below the float32 maximum (the algorithm sums in float32)."""
+    w = loads("weight", weight, ndim=2)
+    # Only a layer whose largest load times its expert count passes the limit can overflow.
+    if float(w.max()) * w.shape[1] > _FLOAT32_MAX:
+        total = float(w.double().sum(1).max())
+        if total > _FLOAT32_MAX:
+            raise ValueError(
+                f"weight has a layer totalling {total:.3g}, beyond float32 ({_FLOAT32_MAX:.3g}), "
+                "in which the algorithm sums loads"
+            )
     return w
 
 
@@ -57,9 +52,7 @@ def _checked_old(
     old_phy2log: object, num_layers: int, num_replicas: int, num_experts: int
 ) -> torch.Tensor:
     """Old placement as a contiguous CPU int64 [L, R] tensor with ids in [-1, E)."""
-    old = torch.as_tensor(old_phy2log)
-    if old.dtype == torch.bool or old.is_floating_point() or old.is_complex():
-        raise TypeError(f"old_phy2log must have an integer dtype, got {old.dtype}")
+    old = readable("old_phy2log", int_tensor("old_phy2log", old_phy2log, convert=True))
     if tuple(old.shape) != (num_layers, num_replicas):
         raise ValueError(
             f"old_phy2log must have shape {(num_layers, num_replicas)}, got {tuple(old.shape)}"
@@ -103,15 +96,11 @@ def _deepseek(
     phy2log = torch.empty(num_layers, num_replicas, dtype=torch.int64)
     phyrank = torch.empty_like(phy2log)
     logcnt = torch.empty(num_layers, num_experts, dtype=torch.int64)
+    sizes = (num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
     _C.eplb_deepseek(
         w32.data_ptr(),
         group_load.data_ptr(),
-        num_layers,
-        num_experts,
-        num_replicas,
-        num_groups,
-        num_nodes,
-        num_gpus,
+        *sizes,
         phy2log.data_ptr(),
         phyrank.data_ptr(),
         logcnt.data_ptr(),
@@ -272,19 +261,16 @@ def rebalance_experts(
 
     phy2log, phyrank, logcnt = _deepseek(w, num_replicas, num_groups, num_nodes, num_gpus)
     if policy == "deepseek":
-        return phy2log, log2phy_from_ranks(phy2log, phyrank, logcnt), logcnt
+        # The C++ core's ranks and counts are consistent by construction: no need to check.
+        return phy2log, _log2phy(phy2log, phyrank, logcnt), logcnt
 
     w64 = w.double().contiguous()
     placed = torch.empty_like(phy2log)
     num_changed = torch.zeros(num_layers, dtype=torch.int64)
+    sizes = (num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
     _C.eplb_balanced(
         w64.data_ptr(),
-        num_layers,
-        num_experts,
-        num_replicas,
-        num_groups,
-        num_nodes,
-        num_gpus,
+        *sizes,
         phy2log.data_ptr(),
         0 if old is None else old.data_ptr(),
         placed.data_ptr(),

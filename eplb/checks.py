@@ -15,6 +15,7 @@ __all__ = [
     "MAX_SLOTS",
     "LayoutError",
     "int_tensor",
+    "load_tensor",
     "loads",
     "positive_int",
     "process_group",
@@ -104,9 +105,23 @@ def readable(name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def load_tensor(name: str, value: object) -> torch.Tensor:
+    """A tensor of loads: ``value`` as a tensor of an integer or floating dtype (not bool or
+    complex); array-likes are converted. Values are not checked here (callers that need finite,
+    non-negative loads check those, since it reads the data)."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a tensor or array of numbers, got {value!r}") from None
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name} must have an int or float dtype, got {value.dtype}")
+    return value
+
+
 def loads(name: str, value: object, *, ndim: int | None = None) -> torch.Tensor:
     """Load statistics as a non-empty CPU tensor of their own int or float dtype, every entry
-    finite and non-negative.
+    finite and non-negative: :func:`load_tensor` plus the checks that read the values.
 
     Args:
         name: argument name used in error messages.
@@ -121,12 +136,7 @@ def loads(name: str, value: object, *, ndim: int | None = None) -> torch.Tensor:
         ValueError: empty, another number of dimensions than ``ndim``, a meta tensor, NaN,
             infinite or negative entries.
     """
-    try:
-        t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a tensor or array of numbers, got {value!r}") from None
-    if t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name} must have an int or float dtype, got {t.dtype}")
+    t = load_tensor(name, value)
     if (ndim is not None and t.dim() != ndim) or t.numel() == 0:
         kind = "non-empty" if ndim is None else f"non-empty {ndim}-D"
         raise ValueError(f"{name} must be a {kind} tensor, got shape {tuple(t.shape)}")
@@ -137,20 +147,6 @@ def loads(name: str, value: object, *, ndim: int | None = None) -> torch.Tensor:
             raise ValueError(f"{name} must be finite, got {t[~torch.isfinite(t)][0].item()}")
         raise ValueError(f"{name} must be non-negative, got {low.item()}")
     return t
-
-
-def load_tensor(name: str, value: object) -> torch.Tensor:
-    """A tensor of loads: ``value`` as a tensor of an integer or floating dtype (not bool or
-    complex); array-likes are converted. Values are not checked here (callers that need finite,
-    non-negative loads check those, since it reads the data)."""
-    if not isinstance(value, torch.Tensor):
-        try:
-            value = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"{name} must be a tensor or array of numbers, got {value!r}") from None
-    if value.dtype == torch.bool or value.is_complex():
-        raise TypeError(f"{name} must have an int or float dtype, got {value.dtype}")
-    return value
 
 
 def process_group(name: str, group: object) -> object:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import io
 import sys
 from collections.abc import Callable, Sequence
@@ -558,7 +559,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subparsers = {}
     for name, add_ref, run_ref in SUBCOMMANDS:
         add_arguments = _resolve(add_ref)
-        doc = (add_arguments.__doc__ or "").strip()
+        doc = inspect.cleandoc(add_arguments.__doc__ or "")
         sub = commands.add_parser(
             name,
             parents=[common],

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from eplb.checks import loads as checked_loads
+from eplb.checks import positive_int
 from eplb.maps import as_layers, expert_counts
 
 __all__ = [
@@ -22,8 +24,7 @@ __all__ = [
 
 def _slots_per_gpu(num_slots: int, num_gpus: int) -> int:
     """Slots per GPU; ``num_gpus`` must divide ``num_slots``."""
-    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus <= 0:
-        raise ValueError(f"num_gpus must be a positive int, got {num_gpus!r}")
+    num_gpus = positive_int("num_gpus", num_gpus)
     if num_slots % num_gpus:
         raise ValueError(f"num_gpus={num_gpus} does not divide the {num_slots} physical slots")
     return num_slots // num_gpus
@@ -43,11 +44,13 @@ def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> tor
         does not depend on the order of slots within a GPU.
     """
     p = as_layers(phy2log)
-    w = torch.as_tensor(weight).to("cpu", torch.float64)
+    w = checked_loads("weight", weight).to(torch.float64)
+    if w.dim() not in (1, 2):
+        raise ValueError(f"weight must be [E] or [L, E], got shape {tuple(w.shape)}")
     w = w.reshape(-1, w.shape[-1])
     if w.shape[0] != p.shape[0]:
         raise ValueError(f"weight has {w.shape[0]} layers but phy2log has {p.shape[0]}")
-    if p.numel() and int(p.max()) >= w.shape[1]:
+    if int(p.max()) >= w.shape[1]:
         raise ValueError(f"phy2log holds expert {int(p.max())} but weight has {w.shape[1]}")
     per_gpu = _slots_per_gpu(p.shape[1], num_gpus)
     logcnt = expert_counts(p, w.shape[1])
@@ -57,9 +60,13 @@ def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> tor
     return loads[0] if torch.as_tensor(phy2log).dim() == 1 else loads
 
 
-def _sorted_loads(loads: torch.Tensor) -> torch.Tensor:
-    """Loads as float64, sorted along the GPU axis: statistics then do not depend on GPU order."""
-    return torch.as_tensor(loads).to(torch.float64).sort(-1).values
+def _sorted_loads(gpu_load: object) -> torch.Tensor:
+    """GPU loads ([..., num_gpus], at least 1-D, finite, non-negative) as float64, sorted along
+    the GPU axis: statistics then do not depend on GPU order."""
+    x = checked_loads("loads", gpu_load)
+    if x.dim() == 0:
+        raise ValueError("loads must be [..., num_gpus], got a 0-d tensor")
+    return x.to(torch.float64).sort(-1).values
 
 
 def balancedness(loads: torch.Tensor) -> torch.Tensor:

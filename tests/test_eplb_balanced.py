@@ -4,9 +4,9 @@ loops; tiny cases are checked against an exhaustive search."""
 
 import pytest
 import torch
-from eplb_reference import best_duplicate_free_max
 
 import eplb
+from eplb.reference import best_duplicate_free_max
 
 # (num_experts, num_replicas, num_groups, num_nodes, num_gpus)
 SHAPES = [

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from eplb_reference import rebalance_experts as reference
 
 import eplb
+from eplb.reference import rebalance_experts as reference
 
 # (num_experts, num_replicas, num_groups, num_nodes, num_gpus)
 HIERARCHICAL = [

@@ -136,8 +136,9 @@ def test_bad_sizes_raise_before_launch() -> None:
     with pytest.raises(ValueError, match="D must be in"):
         torch.ops.lplb.solve(workload, maps.phy2log, wide, wide, counter, list(layout))
     big = torch.zeros((33, 2), dtype=torch.int32, device=CUDA)
+    slots = torch.zeros(33 * planner.n_local_routed, dtype=torch.int32, device=CUDA)
     with pytest.raises(ValueError, match="group size"):
-        torch.ops.lplb.solve(workload, maps.phy2log, big, big, counter, list(layout))
+        torch.ops.lplb.solve(workload, slots, big, big, counter, list(layout))
     with pytest.raises(ValueError, match="phy2log"):
         torch.ops.lplb.solve(workload, maps.phy2log[:-1], maps.r2o, maps.o2r, counter, list(layout))
     with pytest.raises(TypeError, match="avail_counter"):

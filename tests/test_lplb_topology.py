@@ -1,4 +1,4 @@
-"""Topology constants (docs/lplb.md, "Topologies") and validation of redundant_to_original matrices."""
+"""Topology constants (docs/lplb.md, "Topologies") and validation of r2o matrices."""
 
 import pytest
 import torch

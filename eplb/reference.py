@@ -1,12 +1,18 @@
 """Plain-loop reference of DeepSeek's EPLB algorithm (deepseek-ai/EPLB ``eplb.py``).
 
-Written from the algorithm's description (docs/eplb.md), one layer at a time with Python lists,
-as the oracle for ``eplb.rebalance_experts(policy="deepseek")`` in the tests and the baseline of
-bench/bench_eplb.py. All arithmetic is numpy float32 in the reference's order: group sums and pack
-sums accumulate item by item, per-copy loads are ``load / count``. Equal weights are ordered by
-torch's default descending sort, as the reference does (it matters: copies of an expert tie).
+A readable version of what ``eplb.rebalance_experts(policy="deepseek")`` computes, written from
+the algorithm's description (docs/eplb.md): one layer at a time, with Python lists and loops, no
+C++ and no vectorisation. It is the oracle the tests hold ``eplb.rebalance_experts`` and the
+module helpers (``eplb.balanced_packing``, ``eplb.replicate_experts``,
+``eplb.rebalance_experts_hierarchical``) to, and the "loops" baseline of bench/bench_eplb.py. It
+is slow (100-400 times the C++ core's time at DeepSeek-V3 scale, docs/eplb.md) and does not
+validate its arguments: use ``eplb.rebalance_experts`` in real code.
 
-``best_duplicate_free_max`` is a brute-force oracle for the balanced policy on tiny cases.
+All arithmetic is numpy float32 in the reference's order: group sums and pack sums accumulate
+item by item, per-copy loads are ``load / count``. Equal weights are ordered by torch's default
+descending sort, as the reference does (it matters: copies of an expert tie).
+
+``best_duplicate_free_max`` is a brute-force oracle for ``policy="balanced"`` on tiny cases.
 """
 
 from __future__ import annotations
@@ -15,6 +21,14 @@ import itertools
 
 import numpy as np
 import torch
+
+__all__ = [
+    "balanced_packing",
+    "best_duplicate_free_max",
+    "rebalance_experts",
+    "rebalance_layer",
+    "replicate_experts",
+]
 
 F32 = np.float32
 

@@ -1,13 +1,58 @@
-"""Independent oracle for the LPLB linear program (plain loops + scipy's HiGHS) and the random
-workloads it is checked on.
+"""Independent oracle for the LPLB linear program, and the workloads and configurations it is
+checked and benchmarked on.
 
-Everything here is written from the formulas in DESIGN.md ("The LP"), not from the matrices of
-lplb/reference.py, so that tests compare two independent constructions.
+The LP is rebuilt here with plain loops from the load formula of docs/lp.md ("The LP"), not from
+the matrices of lplb/reference.py, and solved exactly by scipy's HiGHS, so that tests and
+bench/bench_quality.py compare two independent constructions. Nothing here is used by the
+Planner at run time.
+
+scipy is needed only by ``optimal_max_load`` and is imported there: it is a test and benchmark
+dependency (``pip install moe-lplb[test]``), not a runtime one.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-import scipy.optimize
-import scipy.sparse
+import torch
+
+from lplb.topology import CUBE_8P2E, HYPERCUBE_16P2E, RING_8P, torus_2d
+
+if TYPE_CHECKING:
+    from lplb.planner import Planner
+
+__all__ = [
+    "KINDS",
+    "N_LOGICAL",
+    "REDUNDANCY_CONFIGS",
+    "TOPOLOGIES",
+    "lp_loads",
+    "optimal_max_load",
+    "random_workloads",
+    "set_loads",
+    "stack_layouts",
+    "stacked_loads",
+]
+
+# Logical experts of the configurations below.
+N_LOGICAL = 256
+# The topologies the solver is checked (tests) and measured (bench/bench_quality.py) on:
+# (display name, r2o [G, D], ep_size)
+TOPOLOGIES = [
+    ("CUBE_8P2E", CUBE_8P2E, 32),
+    ("CUBE_8P2E", CUBE_8P2E, 64),
+    ("HYPERCUBE_16P2E", HYPERCUBE_16P2E, 16),
+    ("RING_8P", RING_8P, 32),
+    ("torus_2d(8,4)", torus_2d(8, 4), 32),
+]
+# (display name, r2o, ep_size, k): redundant slots per rank k = 1..4 where the topology's D
+# divides k.
+REDUNDANCY_CONFIGS = [
+    (name, r2o, ep, k) for name, r2o, ep in TOPOLOGIES for k in range(1, 5) if k % r2o.shape[1] == 0
+]
+
 
 # Groups per HiGHS call: the LPs of independent groups are stacked block-diagonally and the
 # sum of their maximum loads minimised, which minimises each block's maximum separately.
@@ -125,8 +170,22 @@ def optimal_max_load(w: np.ndarray, f: np.ndarray, r2o: np.ndarray) -> np.ndarra
     return out * safe
 
 
+def _scipy_linprog() -> tuple[Any, Any]:
+    """``(scipy.optimize.linprog, scipy.sparse.csr_matrix)``, or ImportError saying what to do."""
+    try:
+        from scipy.optimize import linprog
+        from scipy.sparse import csr_matrix
+    except ImportError as error:
+        raise ImportError(
+            "lplb.oracle.optimal_max_load needs scipy (a test and benchmark dependency, not a "
+            "runtime one): pip install scipy, or pip install 'moe-lplb[test]'"
+        ) from error
+    return linprog, csr_matrix
+
+
 def _solve_blocks(w: np.ndarray, f: np.ndarray, r2o: np.ndarray) -> np.ndarray:
     """max load of the optimal x per block; variables per block: x[r, d] (G*D), then t."""
+    linprog, csr_matrix = _scipy_linprog()
     n_blocks, group_size, n_sets = w.shape
     n_var = group_size * n_sets + 1
     rows, cols, vals = [], [], []
@@ -145,7 +204,7 @@ def _solve_blocks(w: np.ndarray, f: np.ndarray, r2o: np.ndarray) -> np.ndarray:
         vals.append(-np.ones(n_blocks))
     base_r = np.arange(n_blocks)[:, None] * group_size
     base_c = np.arange(n_blocks)[:, None] * n_var
-    a_ub = scipy.sparse.csr_matrix(
+    a_ub = csr_matrix(
         (
             np.stack(vals, axis=1).ravel(),
             ((base_r + np.array(rows)).ravel(), (base_c + np.array(cols)).ravel()),
@@ -156,7 +215,7 @@ def _solve_blocks(w: np.ndarray, f: np.ndarray, r2o: np.ndarray) -> np.ndarray:
     cost[:, -1] = 1.0
     lower = np.tile(np.append(np.zeros(n_var - 1), -np.inf), n_blocks)
     upper = np.tile(np.append(np.ones(n_var - 1), np.inf), n_blocks)
-    res = scipy.optimize.linprog(
+    res = linprog(
         cost.ravel(),
         A_ub=a_ub,
         b_ub=rhs.ravel(),
@@ -168,3 +227,41 @@ def _solve_blocks(w: np.ndarray, f: np.ndarray, r2o: np.ndarray) -> np.ndarray:
         raise RuntimeError(f"HiGHS failed: {res.message}")
     x = np.clip(res.x.reshape(n_blocks, n_var)[:, :-1], 0.0, 1.0).reshape(w.shape)
     return lp_loads(w, f, x, r2o).max(-1)
+
+
+def stack_layouts(
+    workloads: np.ndarray, phy2logs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Workload i on layout i becomes the groups of EP copy i, so that one call solves them all.
+
+    Args:
+        workloads: [K, E] tokens per logical expert.
+        phy2logs: K layouts, each [R] logical expert (< E) of every physical slot.
+
+    Returns:
+        workload: [K * E] (dtype of `workloads`); phy2log: [K * R], layout i offset by i * E.
+    """
+    offsets = torch.arange(len(phy2logs))[:, None] * workloads.shape[1]
+    phy2log = (torch.stack(list(phy2logs)) + offsets).reshape(-1)
+    return torch.from_numpy(workloads).reshape(-1), phy2log
+
+
+def stacked_loads(
+    planner: Planner, workloads: np.ndarray, phy2logs: Sequence[torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle's (``set_loads``) LP inputs of workload i on layout i, for all i.
+
+    Args:
+        planner: gives the topology and the slot layout of one rank.
+        workloads: [K, E] tokens per logical expert.
+        phy2logs: K layouts, each [R] logical expert of every physical slot.
+
+    Returns:
+        W: [K * n_group, G, D] float64; F: [K * n_group, G] float64.
+    """
+    layout = (planner.group_size, planner.n_sets, planner.n_local_logical)
+    layout += (planner.n_local_routed, planner.n_combined)
+    parts = [set_loads(workloads[i : i + 1], p.numpy(), *layout) for i, p in enumerate(phy2logs)]
+    w = np.concatenate([pw for pw, _ in parts]).reshape(-1, *planner.r2o.shape)
+    f = np.concatenate([pf for _, pf in parts]).reshape(-1, planner.r2o.shape[0])
+    return w, f
