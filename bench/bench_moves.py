@@ -1,0 +1,514 @@
+"""Benchmark expert-weight moves: eplb.move_experts (stop-the-world) and eplb.ExpertMover (async).
+
+One process per GPU of this host, NCCL. DeepSeek-V3-sized experts (three 7168x2048 bf16
+matrices, 88 MB each), 32 slots per rank, and a realistic rebalance: loads drift and
+``rebalance_experts(policy="balanced", old_phy2log=old)`` picks the new placement (the layer
+whose share of changed slots is nearest 20 % is timed). Reports
+
+* bytes moved against the lower bound (``min_move_bytes``);
+* the synchronous move's time (slowest rank, median of repeats after warm-up) and GB/s per
+  rank, against the GPU-to-GPU bandwidth measured in the same run (``batch_isend_irecv`` of
+  the same bytes to the next rank, ring-wise) and a device-to-device copy (the commit's cost);
+* a bf16 matmul loop (the model's compute) alone, with the async mover moving layers
+  continuously in the background, and with the same number of layers moved synchronously.
+
+The JSON record (device, versions, command, numbers) goes to
+``bench/results/moves_<n>gpu_<device>.json`` (written after each part, so a failure keeps
+what was measured). NVLink multicast stays off: NCCL_NVLS_ENABLE=0, NVSHMEM_DISABLE_NVLS=1 and
+TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are set here when unset (the record says which).
+
+    python bench/bench_moves.py [--gpus N]          # all visible GPUs by default (>= 2)
+    python bench/bench_moves.py --cpu --small       # smoke test: gloo, CPU, tiny experts
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import eplb
+from eplb.fileio import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+# NCCL reads these when a communicator is made: main() sets them before the workers start.
+NVLS_OFF = {
+    "NCCL_NVLS_ENABLE": "0",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+}
+# (matrices per expert, rows, cols, slots per rank, matmul size) for real and --small runs
+REAL = {"mats": 3, "rows": 2048, "cols": 7168, "slots": 32, "mm": 8192}
+SMALL = {"mats": 3, "rows": 16, "cols": 64, "slots": 8, "mm": 128}
+LAYERS = 4  # layers held for the async part
+DRIFTS = (0.1, 0.2, 0.3, 0.5, 0.8)
+TARGET_SHARE = 0.2  # share of changed slots of the timed layer
+MATMULS_PER_FORWARD = 4
+# Issue targets: sync move within 1.2x of bytes / measured P2P bandwidth; async mover adds
+# under 10 % to a concurrent compute loop.
+TARGETS = {"move_vs_ideal": 1.2, "async_slowdown": 0.10}
+
+
+def placements(world: int, slots: int) -> dict:
+    """Old placement from log-normal loads, new one after a load drift (same on every rank)."""
+    total = world * slots
+    experts = total * 7 // 8  # 1/8 of the slots hold redundant copies
+    gen = torch.Generator().manual_seed(0)
+    load = torch.exp(torch.randn(LAYERS, experts, generator=gen))
+    old = eplb.rebalance_experts(load, total, 1, 1, world, policy="balanced")[0]
+    best = None
+    for drift in DRIFTS:
+        drifted = load * torch.exp(drift * torch.randn(LAYERS, experts, generator=gen))
+        new, _, _, changed = eplb.rebalance_experts(
+            drifted, total, 1, 1, world, policy="balanced", old_phy2log=old
+        )
+        share = changed.double() / total
+        score = float((share.mean() - TARGET_SHARE).abs())
+        if best is None or score < best[0]:
+            best = (score, drift, new, share)
+    _, drift, new, share = best
+    layer = int((share - TARGET_SHARE).abs().argmin())
+    return {
+        "num_logical": experts,
+        "drift_sigma": drift,
+        "old": old,
+        "new": new,
+        "changed_share": share.tolist(),
+        "sync_layer": layer,
+    }
+
+
+def fill(weights: list[torch.Tensor], placement: torch.Tensor, rank: int) -> None:
+    """Slot s of this rank holds the constant ``expert id`` (exact in bf16 below 256)."""
+    slots = weights[0].shape[0]
+    values = placement[rank * slots : (rank + 1) * slots].to(weights[0].dtype)
+    for w in weights:
+        w.copy_(values.to(w.device).view(-1, *([1] * (w.dim() - 1))).expand_as(w))
+
+
+def holds(weights: list[torch.Tensor], placement: torch.Tensor, rank: int) -> bool:
+    """Whether every slot holds exactly its expert's constant."""
+    slots = weights[0].shape[0]
+    want = placement[rank * slots : (rank + 1) * slots].to(torch.float32)
+    for w in weights:
+        low, high = w.view(slots, -1).float().aminmax(dim=1)
+        if not (torch.equal(low.cpu(), want) and torch.equal(high.cpu(), want)):
+            return False
+    return True
+
+
+class Clock:
+    """Wall time with the device drained first (CUDA) -- a move's stall as the host sees it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def slowest(seconds: float, device: torch.device) -> float:
+    """The maximum of ``seconds`` over the ranks."""
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def timed(fn: Callable[[], object], clock: Clock, device, warmup: int, repeats: int) -> float:
+    """Median over ``repeats`` (after ``warmup``) of the slowest rank's seconds for ``fn()``."""
+    samples = []
+    for i in range(warmup + repeats):
+        dist.barrier()
+        start = clock.now()
+        fn()
+        elapsed = slowest(clock.now() - start, device)
+        if i >= warmup:
+            samples.append(elapsed)
+    return statistics.median(samples)
+
+
+def p2p_ring(nbytes: int, device: torch.device, rank: int, world: int) -> Callable[[], None]:
+    """A batch_isend_irecv of ``nbytes`` to the next rank and from the previous one."""
+    send = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
+
+    def run() -> None:
+        ops = [
+            dist.P2POp(dist.isend, send, (rank + 1) % world),
+            dist.P2POp(dist.irecv, recv, (rank - 1) % world),
+        ]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+    return run
+
+
+def compute_loop(size: int, device: torch.device, dtype: torch.dtype):
+    """A model's compute stand-in: one 'forward' = MATMULS_PER_FORWARD square matmuls."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty_like(a)
+
+    def forward() -> None:
+        for _ in range(MATMULS_PER_FORWARD):
+            torch.matmul(a, b, out=out)
+
+    return forward
+
+
+def bench_sync(ctx: dict) -> dict:
+    rank, world, device, clock = ctx["rank"], ctx["world"], ctx["device"], ctx["clock"]
+    place, weights = ctx["place"], ctx["weights"]
+    layer = place["sync_layer"]
+    old, new = place["old"][layer], place["new"][layer]
+    w = weights[layer]
+    expert_bytes = sum(t[0].numel() * t.element_size() for t in w)
+    start = time.perf_counter()
+    plans = eplb.plan_moves(place["old"], place["new"], world)
+    plan_seconds = time.perf_counter() - start
+    plan, back = plans[layer], eplb.plan_moves(new, old, world)
+    received = [len(r) * expert_bytes for r in plan.recvs]
+
+    def there_and_back() -> None:
+        eplb.move_experts(w, old, new, plan=plan, timeout=120.0)
+        eplb.move_experts(w, new, old, plan=back, timeout=120.0)
+
+    there_and_back()  # warm-up, then verify a full round trip
+    eplb.move_experts(w, old, new, plan=plan, timeout=120.0)
+    correct_after_move = holds(w, new, rank)
+    eplb.move_experts(w, new, old, plan=back, timeout=120.0)
+    correct_after_return = holds(w, old, rank)
+
+    samples = []
+    for i in range(ctx["warmup"] + ctx["repeats"]):
+        dist.barrier()
+        begin = clock.now()
+        stats = eplb.move_experts(w, old, new, plan=plan, timeout=120.0)
+        elapsed = slowest(clock.now() - begin, device)
+        eplb.move_experts(w, new, old, plan=back, timeout=120.0)
+        if i >= ctx["warmup"]:
+            samples.append(elapsed)
+    move_s = statistics.median(samples)
+
+    ring_bytes = max(max(received), expert_bytes)
+    ring_s = timed(p2p_ring(ring_bytes, device, rank, world), clock, device, 2, ctx["repeats"])
+    src = torch.empty(ring_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src), clock, device, 2, ctx["repeats"])
+    p2p_gbps = ring_bytes / ring_s / 1e9
+    ideal_s = max(received) / (p2p_gbps * 1e9)
+    return {
+        "layer": layer,
+        "changed_slots": sum(int(o != n) for o, n in zip(old.tolist(), new.tolist(), strict=True)),
+        "slots": len(old),
+        "expert_bytes": expert_bytes,
+        "bytes_moved": plan.bytes(expert_bytes),
+        "bytes_lower_bound": eplb.min_move_bytes(old, new, world, expert_bytes),
+        "bytes_received_per_rank": received,
+        "bytes_sent_per_rank": [len(s) * expert_bytes for s in plan.sends],
+        "local_copies_per_rank": [len(c) for c in plan.copies],
+        "bytes_received_here": stats.bytes_received,
+        "plan_seconds_all_layers": plan_seconds,
+        "move_seconds_median": move_s,
+        "move_seconds_samples": samples,
+        "move_gbps_per_rank": max(received) / move_s / 1e9,
+        "p2p_ring_bytes": ring_bytes,
+        "p2p_ring_seconds": ring_s,
+        "p2p_gbps_per_rank": p2p_gbps,
+        "ideal_seconds": ideal_s,
+        "move_vs_ideal": move_s / ideal_s if ideal_s > 0 else None,
+        "d2d_copy_seconds_same_bytes": copy_s,
+        "correct_after_move": correct_after_move,
+        "correct_after_return": correct_after_return,
+    }
+
+
+def bench_async(ctx: dict) -> dict:
+    rank, device, clock = ctx["rank"], ctx["device"], ctx["clock"]
+    place, weights = ctx["place"], ctx["weights"]
+    forward = compute_loop(ctx["size"]["mm"], device, ctx["compute_dtype"])
+    forwards = ctx["forwards"]
+    for _ in range(3):
+        forward()
+
+    def loop(between: Callable[[int], None]) -> float:
+        # Like a serving or training loop, the host waits for each forward (sampling, loss)
+        # before the next; step() / move_experts() run in that gap.
+        dist.barrier()
+        begin = clock.now()
+        for i in range(forwards):
+            forward()
+            clock.now()
+            between(i)
+        return slowest(clock.now() - begin, device)
+
+    base = [loop(lambda i: None) for _ in range(2)]
+
+    mover = eplb.ExpertMover(weights, ctx["group"], max_layers_in_flight=1, timeout=120.0)
+    state = {"target": place["new"], "source": place["old"], "layers": 0, "starts": 0}
+    current = [place["old"][i] for i in range(LAYERS)]  # what each layer holds
+
+    def start() -> None:
+        mover.start(state["source"], state["target"])
+        state["starts"] += 1
+
+    def step(i: int) -> None:
+        for layer in mover.step():
+            current[layer] = state["target"][layer]
+            state["layers"] += 1
+        if mover.done:  # keep the mover busy: move back, and so on
+            state["source"], state["target"] = state["target"], state["source"]
+            start()
+
+    start()
+    async_s = loop(step)
+    while not mover.done:  # finish the last move so the weights can be checked
+        for layer in mover.step():
+            current[layer] = state["target"][layer]
+            state["layers"] += 1
+    correct = all(holds(weights[i], current[i], rank) for i in range(LAYERS))
+    moved = state["layers"]
+    sync_layers = [0]  # where each layer is now, for sync moves back and forth
+
+    def sync_step(i: int) -> None:
+        # The same number of layer moves as the async loop made, spread over the forwards.
+        if (i * moved) // forwards != ((i + 1) * moved) // forwards:
+            layer = sync_layers[0] % LAYERS
+            o, n = place["old"][layer], place["new"][layer]
+            target = n if torch.equal(current[layer], o) else o
+            eplb.move_experts(weights[layer], current[layer], target, timeout=120.0)
+            current[layer] = target
+            sync_layers[0] += 1
+
+    sync_s = loop(sync_step)
+    correct_sync = all(holds(weights[i], current[i], rank) for i in range(LAYERS))
+    base_s = min(base)
+    return {
+        "forwards": forwards,
+        "matmuls_per_forward": MATMULS_PER_FORWARD,
+        "matmul_size": ctx["size"]["mm"],
+        "compute_alone_seconds": base,
+        "layers_moved": moved,
+        "moves_started": state["starts"],
+        "async_loop_seconds": async_s,
+        "sync_loop_seconds": sync_s,
+        "async_slowdown": async_s / base_s - 1,
+        "sync_slowdown": sync_s / base_s - 1,
+        "async_added_seconds_per_layer": (async_s - base_s) / max(moved, 1),
+        "sync_added_seconds_per_layer": (sync_s - base_s) / max(moved, 1),
+        "correct_async": correct,
+        "correct_sync": correct_sync,
+    }
+
+
+def versions(device: torch.device) -> dict:
+    info = {
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "host": socket.gethostname(),
+    }
+    if device.type == "cuda":
+        try:
+            driver = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            ).stdout.split("\n")[0]
+        except (OSError, subprocess.SubprocessError) as err:
+            driver = f"unavailable ({err})"
+        info.update(
+            device=torch.cuda.get_device_name(device),
+            driver=driver,
+            cuda=str(torch.version.cuda),
+            nccl=".".join(map(str, torch.cuda.nccl.version())),
+        )
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def device_tag(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; anything else sanitised."""
+    match = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", name)
+    tag = match.group(1) if match else name
+    return re.sub(r"[^a-z0-9]+", "_", tag.lower()).strip("_") or "device"
+
+
+def worker(
+    rank: int, world: int, port: int, args: argparse.Namespace, out: str, env_set: list[str]
+) -> None:
+    os.environ.update(NVLS_OFF)
+    torch.set_num_threads(1 if args.cpu else torch.get_num_threads())
+    if args.cpu:
+        device, backend = torch.device("cpu"), "gloo"
+    else:
+        torch.cuda.set_device(rank)
+        device, backend = torch.device("cuda", rank), "nccl"
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    size = SMALL if args.small else REAL
+    record = {
+        **versions(device),
+        "command": " ".join([sys.executable, *sys.argv]),
+        "ranks": world,
+        "backend": backend,
+        "env_set_by_bench": env_set,
+        "env": {k: os.environ.get(k) for k in NVLS_OFF},
+        "sizes": size,
+        "dtype": "bfloat16",
+        "targets": TARGETS,
+    }
+    path = Path(out)
+
+    def save() -> None:
+        if rank == 0:
+            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+    try:
+        place = placements(world, size["slots"])
+        record["placement"] = {
+            k: place[k] for k in ("num_logical", "drift_sigma", "changed_share", "sync_layer")
+        }
+        weights = [
+            [
+                torch.empty(
+                    size["slots"], size["rows"], size["cols"], dtype=torch.bfloat16, device=device
+                )
+                for _ in range(size["mats"])
+            ]
+            for _ in range(LAYERS)
+        ]
+        for layer in range(LAYERS):
+            fill(weights[layer], place["old"][layer], rank)
+        ctx = {
+            "rank": rank,
+            "world": world,
+            "device": device,
+            "clock": Clock(device),
+            "place": place,
+            "weights": weights,
+            "size": size,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "forwards": args.forwards,
+            "group": None,
+            "compute_dtype": torch.float32 if args.cpu else torch.bfloat16,
+        }
+        for name, part in (("sync", bench_sync), ("async", bench_async)):
+            begin = time.perf_counter()
+            try:
+                record[name] = part(ctx)
+            except Exception:  # keep what the other part measured
+                record[name] = {"error": traceback.format_exc()}
+                print(f"rank {rank}: {record[name]['error']}", flush=True)
+            save()
+            if rank == 0:
+                print(f"{name} part: {time.perf_counter() - begin:.1f} s", flush=True)
+    finally:
+        save()
+        dist.destroy_process_group()
+
+
+def summary(record: dict) -> str:
+    lines = [f"{record.get('device')} x{record.get('ranks')}  torch {record.get('torch')}"]
+    s = record.get("sync", {})
+    if "move_seconds_median" in s:
+        lines.append(
+            f"sync move: {s['bytes_moved'] / 1e9:.2f} GB moved (lower bound "
+            f"{s['bytes_lower_bound'] / 1e9:.2f} GB), {s['changed_slots']}/{s['slots']} slots "
+            f"changed; {s['move_seconds_median'] * 1e3:.2f} ms = {s['move_gbps_per_rank']:.0f} "
+            f"GB/s per rank vs P2P {s['p2p_gbps_per_rank']:.0f} GB/s: "
+            f"{s['move_vs_ideal']:.2f}x the ideal {s['ideal_seconds'] * 1e3:.2f} ms "
+            f"(target {TARGETS['move_vs_ideal']}x)"
+        )
+    a = record.get("async", {})
+    if "async_slowdown" in a:
+        lines.append(
+            f"compute loop with {a['layers_moved']} layers moved: async +"
+            f"{a['async_slowdown']:.1%} (target < {TARGETS['async_slowdown']:.0%}), "
+            f"sync +{a['sync_slowdown']:.1%}"
+        )
+    for part in ("sync", "async"):
+        if "error" in record.get(part, {}):
+            lines.append(f"{part}: FAILED (see the JSON)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpus", type=int, default=None, help="processes (default: all GPUs)")
+    parser.add_argument("--cpu", action="store_true", help="gloo on the CPU (smoke test)")
+    parser.add_argument("--small", action="store_true", help="tiny experts and matmuls")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--forwards", type=int, default=60, help="forwards per compute loop")
+    parser.add_argument("--timeout", type=float, default=300.0, help="kill the run after this")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    env_set = sorted(k for k in NVLS_OFF if k not in os.environ)
+    os.environ.update({k: NVLS_OFF[k] for k in env_set})
+    if env_set:
+        print(f"set {', '.join(f'{k}={NVLS_OFF[k]}' for k in env_set)} (NVLink multicast off)")
+    for key, value in NVLS_OFF.items():
+        if os.environ[key] != value:
+            raise SystemExit(f"{key}={os.environ[key]}: NVLink multicast must stay off ({value})")
+    if args.cpu:
+        world, name = args.gpus or 2, "cpu"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA GPU: use --cpu --small for a smoke test")
+        world = args.gpus or torch.cuda.device_count()
+        if world < 2 or world > torch.cuda.device_count():
+            raise SystemExit(f"need 2..{torch.cuda.device_count()} GPUs, got --gpus {world}")
+        name = device_tag(torch.cuda.get_device_name(0))
+    unit = "proc" if args.cpu else "gpu"
+    out = args.out or ROOT / "bench" / "results" / f"moves_{world}{unit}_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.start_processes(
+        worker,
+        args=(world, port, args, str(out), env_set),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + args.timeout
+    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            print(f"killed after {args.timeout:.0f} s; partial results (if any) in {out}")
+            break
+    if out.exists():
+        print(summary(json.loads(out.read_text())))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+"""Staged, all-or-nothing expert-weight moves between ranks over ``torch.distributed``.
+
+One layer moves in four phases on every rank of the group:
+
+1. *check*: every rank validates its arguments and the ranks exchange (ok, fingerprint of the
+   placements) -- a rank with bad arguments raises ``ValueError``/``TypeError``, the others
+   :class:`ExpertMoveError`, before anything is sent;
+2. *transfer*: ``batch_isend_irecv`` sends the old content of slots to the ranks that lack the
+   expert; receives land in staging buffers, never in live weights; local copies whose source
+   slot is itself overwritten are staged too;
+3. *agree*: the ranks exchange whether their transfers completed (bounded by ``timeout``);
+4. *commit*: only if every rank succeeded, staging and local copies are written into the live
+   weights. Every read of the commit comes from staging or from a slot the move does not
+   write, so the order of the writes does not matter (swaps and cycles are safe).
+
+On any failure every rank that is still alive raises :class:`ExpertMoveError` and its live
+weights are untouched. See docs/moves.md for the guarantees and their limits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from eplb.checks import process_group, tensor
+from eplb.move_plan import MovePlan, checked_placements, plan_moves
+
+__all__ = ["ExpertMoveError", "MoveStats", "move_experts"]
+
+# Test hook (fault injection): called as ``hook(event, info)`` with event "post" just before a
+# layer's transfers are posted; ``info`` holds "rank", "layer" and the mutable list "ops".
+_FAULT_HOOK: Callable[[str, dict], None] | None = None
+
+# CUDA transfers of failed moves that may still be pending: kept alive for the life of the
+# process, so that a late message can never land in memory that was freed and reused.
+_ABANDONED: list[object] = []
+
+_POLL_S = 5e-5
+
+
+class ExpertMoveError(RuntimeError):
+    """A move failed on this or another rank; the live weights of uncommitted layers are intact.
+
+    After a transfer timed out the process group may be unusable (gloo closes the connection;
+    NCCL cannot cancel a posted receive): re-create it before the next collective.
+    """
+
+
+@dataclass(frozen=True)
+class MoveStats:
+    """What a move did on this rank.
+
+    Attributes:
+        bytes_sent: bytes this rank sent to other ranks.
+        bytes_received: bytes this rank received.
+        bytes_copied: bytes copied between slots of this rank (no network).
+        seconds: host wall time from the call (or ``start()``) to the last commit being issued;
+            on a GPU the commit copies are queued on the current stream, not waited for.
+        layers: the layers moved (committed).
+    """
+
+    bytes_sent: int
+    bytes_received: int
+    bytes_copied: int
+    seconds: float
+    layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Comm:
+    """A process group as the movers use it."""
+
+    group: object  # ProcessGroup or None (no torch.distributed: a single local rank)
+    rank: int
+    size: int
+    global_ranks: tuple[int, ...]
+    flag_device: torch.device  # where the small exchange tensors live (CPU for gloo)
+
+    @property
+    def polls(self) -> bool:
+        """CUDA backends: ``wait(timeout)`` does not bound the host wait, so poll completion."""
+        return self.flag_device.type == "cuda"
+
+
+def comm_of(group: object, device: torch.device | None = None) -> Comm:
+    """The :class:`Comm` of ``group`` (None: the default group, or one local rank).
+
+    Flags are exchanged on ``device`` when it is a CUDA device and the group has NCCL (this
+    also makes NCCL create its communicator, which a first batch of transfers that leaves a
+    rank out could not do); otherwise on the CPU when the group has gloo.
+    """
+    process_group("group", group)
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return Comm(None, 0, 1, (0,), torch.device("cpu"))
+    pg = dist.group.WORLD if group is None else group
+    rank = dist.get_rank(pg)
+    if rank < 0:
+        raise ValueError("this process is not a member of group")
+    backend = str(dist.get_backend(pg)).lower()
+    if "nccl" in backend and device is not None and device.type == "cuda":
+        flag_device = device
+    elif "nccl" in backend and "gloo" not in backend:
+        flag_device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        flag_device = torch.device("cpu")
+    ranks = tuple(dist.get_process_group_ranks(pg))
+    return Comm(pg, rank, dist.get_world_size(pg), ranks, flag_device)
+
+
+def timeout_seconds(timeout: object) -> float:
+    """``timeout`` (seconds as int/float, or a ``datetime.timedelta``) as positive seconds."""
+    if isinstance(timeout, datetime.timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise TypeError(f"timeout must be seconds or a datetime.timedelta, got {timeout!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return seconds
+
+
+def checked_weights(name: str, weights: object) -> list[torch.Tensor]:
+    """One layer's weights: a non-empty sequence of contiguous tensors ``[slots, ...]``.
+
+    Dtypes and trailing shapes may differ between entries (e.g. int8 weights and float
+    scales); the number of slots and the device may not.
+    """
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence):
+        raise TypeError(f"{name} must be a list of tensors [slots, ...], got {type(weights)}")
+    if not weights:
+        raise ValueError(f"{name} is empty: give at least one weight tensor")
+    out = [tensor(f"{name}[{k}]", w) for k, w in enumerate(weights)]
+    for k, w in enumerate(out):
+        if w.dim() == 0 or w.shape[0] != out[0].shape[0] or w.device != out[0].device:
+            raise ValueError(
+                f"{name}[{k}] has shape {tuple(w.shape)} on {w.device}; every entry must be "
+                f"[{out[0].shape[0] if out[0].dim() else 'slots'}, ...] on {out[0].device}"
+            )
+        if not w.is_contiguous():
+            raise ValueError(f"{name}[{k}] must be contiguous (slots are sent as flat rows)")
+    return out
+
+
+def placement_fingerprint(old: torch.Tensor, new: torch.Tensor) -> int:
+    """A CRC of two int64 placements: ranks compare it to catch differing arguments."""
+    data = torch.cat([old.reshape(-1), new.reshape(-1)]).to(torch.int64).numpy().tobytes()
+    return zlib.crc32(data)
+
+
+def _wait_works(works: Sequence[object], deadline: float, polls: bool) -> None:
+    """Wait for every work by ``deadline`` (``time.monotonic``); raise on error or timeout.
+
+    CUDA backends (``polls``): on failure the works are kept alive in ``_ABANDONED``, since a
+    posted NCCL receive cannot be cancelled. gloo: after a failure the remaining works are
+    still waited for (briefly once the deadline passed), so that each has settled -- done,
+    failed, or its connection closed by the timeout -- before its buffers are freed.
+    """
+    failure: Exception | None = None
+    for work in works:
+        try:
+            if polls:
+                while not work.is_completed():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("transfers did not complete within the timeout")
+                    time.sleep(_POLL_S)
+                work.wait()  # orders the current stream after it; it has completed already
+            else:
+                left = max(deadline - time.monotonic(), 1e-3)
+                work.wait(timeout=datetime.timedelta(seconds=left))
+        except Exception as err:
+            if polls:
+                _ABANDONED.extend(works)
+                raise
+            failure = failure or err
+    if failure is not None:
+        raise failure
+
+
+def exchange(comm: Comm, row: Sequence[int], timeout: float) -> torch.Tensor:
+    """Every rank's ``row`` (ints): a CPU int64 ``[size, len(row)]`` table, same on all ranks.
+
+    Raises:
+        ExpertMoveError: the collective failed or did not complete within ``timeout`` seconds.
+    """
+    table = torch.zeros(comm.size, len(row), dtype=torch.int64, device=comm.flag_device)
+    table[comm.rank] = torch.tensor(list(row), dtype=torch.int64)
+    if comm.group is None:
+        return table.cpu()
+    try:
+        work = dist.all_reduce(table, group=comm.group, async_op=True)
+        _wait_works([work], time.monotonic() + timeout, comm.polls)
+    except Exception as err:
+        raise ExpertMoveError(
+            f"rank {comm.rank}: the ranks could not agree within {timeout:g} s ({err}); live "
+            "weights unchanged, the process group may be unusable"
+        ) from err
+    return table.cpu()
+
+
+def check_together(comm: Comm, bad: BaseException | None, fingerprint: int, timeout: float) -> None:
+    """Before anything is sent: did every rank accept its arguments, with the same placements?
+
+    Raises ``bad`` (this rank's argument error) here, :class:`ExpertMoveError` on the other
+    ranks, or :class:`ExpertMoveError` everywhere when the placements' fingerprints differ.
+    """
+    try:
+        table = exchange(comm, [0, 0] if bad is not None else [1, fingerprint], timeout)
+    except ExpertMoveError:
+        if bad is not None:
+            raise bad from None  # this rank's own mistake is the more useful message
+        raise
+    if bad is not None:
+        raise bad
+    refused = (table[:, 0] == 0).nonzero().flatten().tolist()
+    if refused:
+        raise ExpertMoveError(f"rank(s) {refused} rejected their arguments; nothing was moved")
+    if (table[:, 1] != table[0, 1]).any():
+        raise ExpertMoveError("the ranks passed different placements; nothing was moved")
+
+
+class LayerMove:
+    """One layer's move on one rank: staging buffers, transfers, commit.
+
+    Staging rows: first one per receive (``plan.recvs[rank]`` order), then one per local copy
+    source that the move overwrites (its old content must survive until the commit).
+    """
+
+    def __init__(self, plan: MovePlan, weights: list[torch.Tensor], comm: Comm) -> None:
+        self.plan, self.weights, self.comm = plan, weights, comm
+        rank, base = comm.rank, comm.rank * plan.slots_per_rank
+        recvs, copies = plan.recvs[rank], plan.copies[rank]
+        recv_row = {dst: i for i, (_, _, dst) in enumerate(recvs)}
+        written = set(recv_row) | {dst for _, dst in copies}
+        # A copy reads the old content of its source when the source held the expert before
+        # (MovePlan.copies); if the move overwrites that source, the old content is staged.
+        old = [(src, dst) for src, dst in copies if plan.old[base + src] == plan.new[base + dst]]
+        staged = sorted({src for src, _ in old if src in written})
+        stage_row = {s: len(recvs) + i for i, s in enumerate(staged)}
+        self.prestage = list(stage_row.items())
+        self.rows = len(recvs) + len(staged)
+        # (dst_slot, staging row or None, live source slot): every read is a staging row or a
+        # slot that no write touches, so the writes may run in any order.
+        self.writes = [(dst, i, None) for i, (_, _, dst) in enumerate(recvs)]
+        for src, dst in copies:
+            row = stage_row.get(src) if (src, dst) in old else recv_row[src]
+            self.writes.append((dst, row, src))
+        expert_bytes = sum(w[0].numel() * w.element_size() for w in weights)
+        self.stats = (
+            len(plan.sends[rank]) * expert_bytes,
+            len(recvs) * expert_bytes,
+            len(copies) * expert_bytes,
+        )
+        self.staging: list[torch.Tensor] = []
+        self.works: list[object] = []
+
+    def _tag(self, pair_index: int, kind: int) -> int:
+        """Message tag, unique per (layer, message of a rank pair, weight kind) below 2**31."""
+        tag = (self.plan.layer * self.plan.slots_per_rank + pair_index) * len(self.weights) + kind
+        return tag % (2**31)
+
+    def _ops(self) -> list[dist.P2POp]:
+        """Sends from live slots and receives into staging, in one order on both sides."""
+        ops, comm, plan = [], self.comm, self.plan
+        count: dict[tuple[str, int], int] = {}
+        for dst_rank, src_slot in plan.sends[comm.rank]:
+            j = count[("s", dst_rank)] = count.get(("s", dst_rank), -1) + 1
+            peer = comm.global_ranks[dst_rank]
+            for k, w in enumerate(self.weights):
+                ops.append(dist.P2POp(dist.isend, w[src_slot], peer, comm.group, self._tag(j, k)))
+        for i, (src_rank, _, _) in enumerate(plan.recvs[comm.rank]):
+            j = count[("r", src_rank)] = count.get(("r", src_rank), -1) + 1
+            peer = comm.global_ranks[src_rank]
+            for k, buf in enumerate(self.staging):
+                ops.append(dist.P2POp(dist.irecv, buf[i], peer, comm.group, self._tag(j, k)))
+        return ops
+
+    def launch(self) -> None:
+        """Allocate staging (on the current stream), stage overwritten sources, post transfers."""
+        if self.rows:
+            self.staging = [
+                torch.empty((self.rows, *w.shape[1:]), dtype=w.dtype, device=w.device)
+                for w in self.weights
+            ]
+        for slot, row in self.prestage:
+            for w, buf in zip(self.weights, self.staging, strict=True):
+                buf[row].copy_(w[slot])
+        ops = self._ops()
+        if _FAULT_HOOK is not None:
+            _FAULT_HOOK("post", {"rank": self.comm.rank, "layer": self.plan.layer, "ops": ops})
+        self.works = dist.batch_isend_irecv(ops) if ops else []
+
+    def transfers_done(self) -> bool:
+        """Non-blocking: have this rank's transfers completed? (CUDA backends only.)"""
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self, deadline: float) -> None:
+        """Block until this rank's transfers completed; raise on error or past ``deadline``."""
+        _wait_works(self.works, deadline, self.comm.polls)
+
+    def commit(self) -> None:
+        """Write the new content of every changed slot (queued on the current stream)."""
+        for k, w in enumerate(self.weights):
+            for dst, row, src in self.writes:
+                w[dst].copy_(self.staging[k][row] if row is not None else w[src])
+
+    def abandon(self) -> None:
+        """Drop staging after a failure; CUDA transfers that may still be pending keep their
+        buffers alive (gloo ones have settled in :meth:`wait`)."""
+        if self.works and self.comm.polls:
+            _ABANDONED.append((self.works, self.staging))
+        self.staging, self.works = [], []
+
+
+def layer_plan(
+    plan: object, old_phy2log: object, new_phy2log: object, num_ranks: int, slots: int
+) -> MovePlan:
+    """The checked :class:`MovePlan` of one layer: ``plan`` itself or one made from the maps."""
+    old, new, _, _ = checked_placements(old_phy2log, new_phy2log, num_ranks)
+    if torch.as_tensor(old_phy2log).dim() != 1:
+        raise ValueError(
+            "move_experts moves one layer: old_phy2log must be [R], got shape "
+            f"{tuple(torch.as_tensor(old_phy2log).shape)} (use ExpertMover for [L, R])"
+        )
+    if plan is None:
+        plan = plan_moves(old[0], new[0], num_ranks)
+    elif not isinstance(plan, MovePlan):
+        raise TypeError(f"plan must be a MovePlan or None, got {type(plan).__name__}")
+    elif plan.old != tuple(old[0].tolist()) or plan.new != tuple(new[0].tolist()):
+        raise ValueError("plan was made for other placements than old_phy2log/new_phy2log")
+    elif plan.num_ranks != num_ranks:
+        raise ValueError(f"plan is for {plan.num_ranks} ranks, the group has {num_ranks}")
+    if plan.slots_per_rank != slots:
+        raise ValueError(
+            f"the placements give {plan.slots_per_rank} slots per rank but the weights hold {slots}"
+        )
+    return plan
+
+
+def move_experts(
+    weights: Sequence[torch.Tensor],
+    old_phy2log: torch.Tensor,
+    new_phy2log: torch.Tensor,
+    group: object = None,
+    plan: MovePlan | None = None,
+    *,
+    timeout: float | datetime.timedelta = 60.0,
+) -> MoveStats:
+    """Move one layer's expert weights in place from ``old_phy2log`` to ``new_phy2log``.
+
+    Collective: every rank of ``group`` calls it with the same placements. Receives land in
+    staging buffers and replace live weights only after every transfer of the layer completed
+    on every rank; on any failure nothing live changes anywhere.
+
+    Args:
+        weights: this rank's weights of the layer, a list of contiguous tensors
+            ``[S, ...]`` (S = local slots; one per weight kind, e.g. w1/w2/w3, any dtype, any
+            trailing shape, quantisation scales as further entries), all on one device (CUDA
+            with NCCL -- after ``torch.cuda.set_device`` -- or CPU with gloo).
+        old_phy2log: [R] integer, the placement the weights are in now (-1 unused).
+        new_phy2log: [R] integer, the target placement.
+        group: the expert-parallel process group (None: the default group; without an
+            initialised ``torch.distributed``, a single rank).
+        plan: a :class:`MovePlan` from ``plan_moves(old, new, group size)`` to reuse.
+        timeout: seconds (or ``timedelta``) that each of the three waits (argument check,
+            transfers, agreement) may take.
+
+    Returns:
+        :class:`MoveStats` of this rank.
+
+    Raises:
+        TypeError, ValueError: bad arguments on this rank (the other ranks raise
+            ``ExpertMoveError``); nothing was sent.
+        ExpertMoveError: the move failed on some rank (exception, timeout, a peer gone);
+            raised on every surviving rank, live weights untouched.
+    """
+    start = time.perf_counter()
+    seconds = timeout_seconds(timeout)
+    first = weights[0] if isinstance(weights, Sequence) and weights else None
+    comm = comm_of(group, first.device if isinstance(first, torch.Tensor) else None)
+    move, bad, fingerprint = None, None, 0
+    try:
+        ws = checked_weights("weights", weights)
+        layer = layer_plan(plan, old_phy2log, new_phy2log, comm.size, ws[0].shape[0])
+        move = LayerMove(layer, ws, comm)
+        fingerprint = placement_fingerprint(torch.tensor(layer.old), torch.tensor(layer.new))
+    except (TypeError, ValueError) as err:
+        bad = err
+    check_together(comm, bad, fingerprint, seconds)
+
+    failure = None
+    try:
+        move.launch()
+        move.wait(time.monotonic() + seconds)
+    except Exception as err:  # any local failure: report it, then raise on every rank together
+        failure = err
+    try:
+        table = exchange(comm, [int(failure is None)], seconds)
+    except ExpertMoveError as err:
+        move.abandon()
+        raise err from failure
+    failed = (table[:, 0] == 0).nonzero().flatten().tolist()
+    if failed:
+        move.abandon()
+        raise ExpertMoveError(
+            f"layer {move.plan.layer}: the transfers failed on rank(s) {failed}"
+            + (f" (here: {failure!r})" if failure is not None else "")
+            + "; live weights unchanged"
+        ) from failure
+    move.commit()
+    move.staging = []
+    sent, received, copied = move.stats
+    return MoveStats(sent, received, copied, time.perf_counter() - start, (move.plan.layer,))

@@ -1,0 +1,287 @@
+"""Shared by the expert-move tests: expert contents, random placements, process workers.
+
+Every logical expert of every layer has its own deterministic content (one tensor per weight
+kind, mixed dtypes and trailing shapes), so after a move each slot can be compared bit for bit
+with the content of the expert the new placement puts there. Unused slots get content of their
+own, keyed by the slot, so a write into a slot that should stay untouched shows too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# Weight kinds of one expert: e.g. bf16 weights, int8 quantised weights, float32 scales.
+KINDS = ((torch.bfloat16, (3, 4)), (torch.int8, (5,)), (torch.float32, (2,)))
+BIG_KINDS = ((torch.bfloat16, (64, 256)), (torch.float32, (7,)))
+_UNUSED = 1_000_000  # content key of an unused slot: _UNUSED + global slot
+NVLS_OFF = {
+    "NCCL_NVLS_ENABLE": "0",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(fn: Callable[..., None], world: int, args: tuple, timeout: float) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes; fail (and kill them) past timeout."""
+    ctx = mp.start_processes(
+        fn, args=(world, *args), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise AssertionError(f"{world} processes did not finish within {timeout} s (hang)")
+
+
+def expert_content(layer: int, key: int, kinds: tuple = KINDS) -> list[torch.Tensor]:
+    """The weights of logical expert ``key`` of ``layer``: one tensor per kind (CPU)."""
+    gen = torch.Generator().manual_seed(1_000_003 * layer + key + 17)
+    out = []
+    for dtype, shape in kinds:
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(dtype))
+        else:
+            out.append(torch.randint(-128, 128, shape, generator=gen).to(dtype))
+    return out
+
+
+def rank_weights(
+    placement: list[int], rank: int, slots: int, layer: int, kinds: tuple = KINDS, device="cpu"
+) -> list[torch.Tensor]:
+    """Rank ``rank``'s stacked weights ``[slots, ...]`` per kind for ``placement`` ([R])."""
+    rows = []
+    for s in range(slots):
+        p = rank * slots + s
+        rows.append(
+            expert_content(layer, placement[p] if placement[p] >= 0 else _UNUSED + p, kinds)
+        )
+    return [
+        torch.stack([row[k] for row in rows]).to(device).contiguous() for k in range(len(kinds))
+    ]
+
+
+def after_move(old: list[int], new: list[int]) -> list[int]:
+    """What each slot holds after the move: the new expert, or the old content if unused."""
+    return [n if n >= 0 else o if o >= 0 else -1 for o, n in zip(old, new, strict=True)]
+
+
+def random_case(seed: int, world: int, slots: int) -> tuple[list[int], list[int]]:
+    """Random (old, new) placements of ``world * slots`` slots with replicas, duplicates on one
+    rank and unused slots; every expert of ``new`` is held somewhere in ``old``."""
+    rng = random.Random(seed)
+    total = world * slots
+    num_experts = rng.randint(max(2, total // 3), total)
+    old = list(range(num_experts)) + [
+        rng.randrange(num_experts) for _ in range(total - num_experts)
+    ]
+    rng.shuffle(old)
+    if total > num_experts:  # leave one copy of a replicated expert unused
+        old[rng.choice([p for p, e in enumerate(old) if old.index(e) != p])] = -1
+    if rng.random() < 0.5:  # a fresh placement
+        new = [rng.randrange(num_experts) for _ in range(total)]
+    else:  # a drift: a few slots change, a few swap within a rank, one becomes unused
+        new = list(old)
+        for p in rng.sample(range(total), k=max(1, total // 4)):
+            new[p] = rng.randrange(num_experts)
+        for r in range(world):
+            a, b = rng.sample(range(r * slots, (r + 1) * slots), 2)
+            new[a], new[b] = new[b], new[a]
+        new[rng.randrange(total)] = -1
+    present = set(old)
+    return old, [e if e in present else -1 for e in new]
+
+
+def init_group(rank: int, world: int, port: int, backend: str, timeout: float) -> torch.device:
+    """Join a fresh default process group; returns this rank's device."""
+    os.environ.update(NVLS_OFF)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    return device
+
+
+def equal_weights(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b, strict=True))
+
+
+def _sync_moves(rank: int, world: int, device, seeds: list[int], slots: int, kinds) -> list:
+    """Random one-layer moves; asserts bit-exact weights; returns (seed, sent, received)."""
+    from eplb import move_experts
+
+    out = []
+    for seed in seeds:
+        old, new = random_case(seed, world, slots)
+        weights = rank_weights(old, rank, slots, 0, kinds, device)
+        stats = move_experts(weights, torch.tensor(old), torch.tensor(new), timeout=30.0)
+        want = rank_weights(after_move(old, new), rank, slots, 0, kinds, device)
+        assert equal_weights(weights, want), f"seed {seed}: weights differ after the move"
+        out.append((seed, stats.bytes_sent, stats.bytes_received))
+    return out
+
+
+def _async_moves(
+    rank: int, world: int, device, seed: int, slots: int, kinds, max_in_flight: int
+) -> tuple[list[list[int]], int]:
+    """An ExpertMover over four layers (one unchanged). After every step(), committed layers
+    hold the new experts and all others still the old ones, bit for bit; at most
+    ``max_in_flight`` layers that move data are in flight. Returns (commits per step, bytes)."""
+    from eplb import ExpertMover
+
+    cases = [random_case(seed * 10 + layer, world, slots) for layer in range(4)]
+    cases[2] = (cases[2][0], cases[2][0])
+    weights = [rank_weights(o, rank, slots, i, kinds, device) for i, (o, _) in enumerate(cases)]
+    mover = ExpertMover(weights, max_layers_in_flight=max_in_flight, timeout=30.0)
+    mover.start(torch.tensor([c[0] for c in cases]), torch.tensor([c[1] for c in cases]))
+    steps: list[list[int]] = []
+    done: set[int] = set()
+    while not mover.done and len(steps) < 5000:
+        # Layers with a slot to fill hold staging (the others move no data at all).
+        staged = [
+            i
+            for i in mover.in_flight
+            if any(n >= 0 and n != o for o, n in zip(*cases[i], strict=True))
+        ]
+        assert len(staged) <= max_in_flight, f"{staged} staged at once"
+        committed = mover.step()
+        steps.append(committed)
+        done.update(committed)
+        for i, (o, n) in enumerate(cases):
+            expect = rank_weights(
+                after_move(o, n) if i in done else o, rank, slots, i, kinds, device
+            )
+            assert equal_weights(weights[i], expect), f"layer {i} (committed: {i in done})"
+        time.sleep(0.002)  # a forward pass
+    assert mover.done and sorted(done) == list(range(len(cases))), (done, mover.pending)
+    return steps, mover.stats.bytes_received
+
+
+def check_moves(rank: int, world: int, device: torch.device, seeds: list[int], slots: int) -> dict:
+    """Sync and async moves in the current default group (see the two helpers above)."""
+    kinds = BIG_KINDS if device.type == "cuda" else KINDS
+    return {
+        "sync": _sync_moves(rank, world, device, seeds, slots, kinds),
+        "async": [
+            _async_moves(rank, world, device, seed, slots, kinds, max_in_flight)
+            for max_in_flight, seed in ((1, seeds[0]), (2, seeds[-1]))
+        ],
+    }
+
+
+def _shifted(world: int, slots: int) -> tuple[list[int], list[int]]:
+    """Every rank holds its own experts, then takes over the next rank's: all ranks send."""
+    total = world * slots
+    return list(range(total)), [(p + slots) % total for p in range(total)]
+
+
+def _inject(scenario: str) -> Callable[[str, dict], None]:
+    """The fault of ``scenario``: rank 1 raises before posting its transfers ("raise"), or
+    rank 0 skips its first send ("skip"; "async": only for layer 1)."""
+
+    def hook(event: str, info: dict) -> None:
+        if scenario == "raise" and info["rank"] == 1:
+            raise RuntimeError("injected failure before posting the sends")
+        skip = scenario == "skip" or (scenario == "async" and info["layer"] == 1)
+        if skip and info["rank"] == 0:
+            first_send = next(i for i, op in enumerate(info["ops"]) if op.op is dist.isend)
+            del info["ops"][first_send]
+
+    return hook
+
+
+def check_faults(
+    rank: int, world: int, ports: list[int], scenarios: list[str], timeout: float
+) -> dict:
+    """Each scenario in a fresh gloo group; returns, per scenario, what was raised, how long it
+    took, whether every uncommitted layer kept its old weights, and the committed layers."""
+    from eplb import ExpertMoveError, ExpertMover, move_exec, move_experts
+
+    slots, layers = 3, 3
+    old, new = _shifted(world, slots)
+    record = {}
+    for port, scenario in zip(ports, scenarios, strict=True):
+        # A short group timeout: tearing down a group with abandoned transfers waits for it.
+        init_group(rank, world, port, "gloo", 2 * timeout)
+        move_exec._FAULT_HOOK = _inject(scenario)
+        weights = [rank_weights(old, rank, slots, i) for i in range(layers)]
+        begin = time.monotonic()
+        raised, committed = None, []
+        try:
+            if scenario == "async":
+                mover = ExpertMover(weights, timeout=timeout)
+                mover.start(torch.tensor([old] * layers), torch.tensor([new] * layers))
+                while not mover.done:
+                    committed += mover.step()
+                    time.sleep(0.002)
+            else:
+                move_experts(weights[0], torch.tensor(old), torch.tensor(new), timeout=timeout)
+        except ExpertMoveError as err:
+            raised = repr(err)
+        seconds = time.monotonic() - begin
+        move_exec._FAULT_HOOK = None
+        intact = all(
+            equal_weights(weights[i], rank_weights(new if i in committed else old, rank, slots, i))
+            for i in range(layers)
+        )
+        record[scenario] = {
+            "raised": raised,
+            "seconds": seconds,
+            "intact": intact,
+            "committed": committed,
+        }
+        dist.destroy_process_group()
+    return record
+
+
+def gloo_worker(
+    rank: int,
+    world: int,
+    ports: list[int],
+    out: str,
+    seeds: list[int],
+    slots: int,
+    scenarios: list[str],
+    fault_timeout: float,
+) -> None:
+    """CPU processes: the moves on one group, then each fault scenario on a fresh group (one
+    spawn for everything: starting processes that import torch dominates the test time)."""
+    device = init_group(rank, world, ports[0], "gloo", 60.0)
+    record = {"moves": check_moves(rank, world, device, seeds, slots)}
+    dist.destroy_process_group()
+    record["faults"] = check_faults(rank, world, ports[1:], scenarios, fault_timeout)
+    torch.save(record, Path(out) / f"rank{rank}.pt")
+
+
+def nccl_worker(rank: int, world: int, port: int, out: str, seeds: list[int], slots: int) -> None:
+    """One process per GPU, NCCL: the same moves as on the CPU."""
+    device = init_group(rank, world, port, "nccl", 120.0)
+    try:
+        record = check_moves(rank, world, device, seeds, slots)
+    finally:
+        dist.destroy_process_group()
+    torch.save(record, Path(out) / f"rank{rank}.pt")
