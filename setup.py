@@ -1,8 +1,13 @@
-"""Build the two extension modules with one CMake project (docs/architecture.md).
+"""Build the extension modules with one CMake project (docs/architecture.md).
 
 ``eplb._C`` (CPU C++, always built) and ``lplb._C`` (CUDA kernels when ``nvcc`` is found; set
 ``LPLB_CUDA=0`` to skip them or ``LPLB_CUDA=1`` to require them). Neither links libtorch, so one
 build serves any torch.
+
+``lplb._nvshmem`` (the NVSHMEM workload exchange, docs/exchange.md) is built with the CUDA
+kernels when NVSHMEM is found: ``NVSHMEM_HOME``, else the ``nvidia-nvshmem-cu13`` wheel
+(``nvidia/nvshmem`` on ``sys.path``). ``LPLB_NVSHMEM=auto`` (default) builds it if found and
+only warns if that build fails, ``LPLB_NVSHMEM=1`` requires it, ``LPLB_NVSHMEM=0`` skips it.
 """
 
 import os
@@ -13,6 +18,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 ROOT = Path(__file__).resolve().parent
 
@@ -37,9 +43,49 @@ def _want_cuda() -> str | None:
     return nvcc
 
 
+def _nvshmem_mode() -> str:
+    flag = os.environ.get("LPLB_NVSHMEM", "auto").strip().lower()
+    if flag not in ("auto", "0", "1"):
+        raise ValueError(f"LPLB_NVSHMEM must be 0, 1 or auto, got {flag!r}")
+    return flag
+
+
+def _find_nvshmem() -> Path | None:
+    """NVSHMEM's root (include/nvshmem.h, lib/libnvshmem_device.a): NVSHMEM_HOME, else the
+    nvidia-nvshmem-cu13 wheel's ``nvidia/nvshmem`` folder on sys.path."""
+    home = os.environ.get("NVSHMEM_HOME")
+    candidates = [Path(home)] if home else [Path(p or ".") / "nvidia" / "nvshmem" for p in sys.path]
+    for root in candidates:
+        if (root / "include" / "nvshmem.h").is_file() and (
+            root / "lib" / "libnvshmem_device.a"
+        ).is_file():
+            return root.resolve()
+    return None
+
+
+def _want_nvshmem(nvcc: str | None) -> Path | None:
+    """Where to build lplb._nvshmem from, or None to skip it."""
+    mode = _nvshmem_mode()
+    if mode == "0":
+        return None
+    root = _find_nvshmem()
+    if mode == "1" and nvcc is None:
+        raise RuntimeError("LPLB_NVSHMEM=1 needs the CUDA build (nvcc not found, or LPLB_CUDA=0)")
+    if mode == "1" and root is None:
+        raise RuntimeError(
+            "LPLB_NVSHMEM=1 but NVSHMEM was not found: pip install nvidia-nvshmem-cu13, or set "
+            "NVSHMEM_HOME to a root holding include/nvshmem.h and lib/libnvshmem_device.a"
+        )
+    return root if nvcc else None
+
+
+# CMake target of each extension module (CMakeLists.txt).
+TARGETS = {"eplb._C": "eplb_C", "lplb._C": "lplb_C", "lplb._nvshmem": "lplb_nvshmem"}
+
+
 class CMakeExtension(Extension):
-    def __init__(self, name: str) -> None:
-        super().__init__(name, sources=[])
+    def __init__(self, name: str, optional: bool = False) -> None:
+        super().__init__(name, sources=[], optional=optional)
 
 
 class CMakeBuild(build_ext):
@@ -53,6 +99,7 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         if not getattr(self, "_configured", False):
             nvcc = _want_cuda()
+            nvshmem = _want_nvshmem(nvcc)
             out = {
                 e.name: Path(self.get_ext_fullpath(e.name)).resolve().parent
                 for e in self.extensions
@@ -66,21 +113,36 @@ class CMakeBuild(build_ext):
                 f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
                 "-DCMAKE_BUILD_TYPE=Release",
                 f"-DLPLB_WITH_CUDA={'ON' if nvcc else 'OFF'}",
+                # auto stays AUTO for CMake too: not finding NVSHMEM there is no error.
+                f"-DLPLB_NVSHMEM={'OFF' if not nvshmem else _nvshmem_mode().upper()}",
             ]
+            if nvshmem:
+                cfg.append(f"-DNVSHMEM_HOME={nvshmem}")
             if nvcc:
                 cfg.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
             if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
                 cfg.append("-GNinja")
             subprocess.check_call(["cmake", *cfg])
             self._configured = True
-        target = ext.name.split(".")[0] + "_C"  # eplb._C -> eplb_C (CMakeLists.txt)
         jobs = str(max(1, os.cpu_count() or 1))
-        subprocess.check_call(
-            ["cmake", "--build", str(build_dir), "--target", target, "--parallel", jobs]
-        )
+        command = ["cmake", "--build", str(build_dir), "--target", TARGETS[ext.name]]
+        try:
+            subprocess.check_call([*command, "--parallel", jobs])
+        except subprocess.CalledProcessError as err:
+            if not ext.optional:
+                raise
+            # CompileError makes setuptools warn and go on without an optional extension.
+            raise CompileError(
+                f"{ext.name} failed to build ({err}); continuing without it"
+            ) from err
 
 
-setup(
-    ext_modules=[CMakeExtension("eplb._C"), CMakeExtension("lplb._C")],
-    cmdclass={"build_ext": CMakeBuild},
-)
+def _extensions() -> list[Extension]:
+    modules = [CMakeExtension("eplb._C"), CMakeExtension("lplb._C")]
+    if _want_nvshmem(_want_cuda()) is not None:  # raises for LPLB_NVSHMEM=1 without NVSHMEM
+        # auto: a failing NVSHMEM build leaves lplb without the NVSHMEM exchange, not unbuilt.
+        modules.append(CMakeExtension("lplb._nvshmem", optional=_nvshmem_mode() == "auto"))
+    return modules
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": CMakeBuild})

@@ -1,27 +1,50 @@
-"""Benchmark the LPLB CUDA kernels: the solve kernel per topology, and Planner.run with its parts.
+"""Benchmark LPLB on one GPU: every row of the speed table of docs/kernels.md, in one run.
 
-Every number is the median GPU time per call from CUDA events around replays of a CUDA graph
-that holds many calls back to back (after warm-up), so launch gaps are those of a graph. The
-table goes to stdout and a JSON record (device, versions, command, numbers) to --out.
+Setup unless said otherwise: CUBE_8P2E, ep 32, 2 redundant slots per rank, E = 256 logical
+experts, idx [16384, 8] int64 (top-8 of skewed random router scores). Methods (each number in
+the output carries its own):
 
-Usage: python bench/bench_lplb.py --out bench/results/lplb_h100.json
+* eager: wall clock of ``run(); torch.cuda.synchronize()`` per call (time.perf_counter_ns),
+  median of 200 calls after 50 warm-up calls; also the host time until ``run`` returns. The
+  default ``Planner.run`` (fast path) and the custom-op path (``Planner._run_ops``) side by side,
+  plus the floor of the method (an empty call, and one tiny kernel, then synchronise).
+* graph, one call per replay: CUDA events around each replay of a graph that holds one call,
+  median of 200 replays after 10.
+* back to back: a graph holding 20 calls, events around each replay divided by 20, median of 200
+  replays (kernel time plus in-graph launch gaps; what "kernel alone" means below).
+
+The table goes to stdout, and a JSON record (device, driver, torch, nvcc, command, every number
+with its method) to --out (default bench/results/lplb_<gpu>.json). A section that fails is
+recorded as an error, the others still run, and the exit status is 1.
+
+Usage: python bench/bench_lplb.py [--out bench/results/lplb_h100.json]
 """
 
+from __future__ import annotations
+
 import argparse
+import gc
 import json
+import re
 import subprocess
 import sys
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from eplb.fileio import atomic_write_text
 from lplb import CUBE_8P2E, HYPERCUBE_16P2E, RING_8P, Planner, torus_2d
+from lplb.fast_path import default_backend
 
 N_LOGICAL = 256
 TOP_K = 8
 CUDA = torch.device("cuda")
+EAGER_WARMUP, EAGER_CALLS = 50, 200
+GRAPH_WARMUP, GRAPH_REPLAYS = 10, 200
 # (name, topology, ep_size, redundant slots per rank)
 SOLVE_CONFIGS = [
     ("CUBE_8P2E ep32", CUBE_8P2E, 32, 2),
@@ -31,39 +54,93 @@ SOLVE_CONFIGS = [
     ("torus_2d(8,4) ep32", torus_2d(8, 4), 32, 2),
 ]
 RUN_ROWS = (4096, 16384, 131072)
-# Reference points (DESIGN.md: DeepSeek LPLB on an H100) and this project's targets, in us.
-DEEPSEEK_SOLVE_US = {
-    "CUBE_8P2E ep32": 40.0,
-    "HYPERCUBE_16P2E ep16": 137.0,
-    "torus_2d(8,4) ep32": 415.0,
-    "RING_8P ep32": 26.0,
+MAIN_ROWS = 16384
+# DeepSeek LPLB on an H100 (issue 11's table, measured side by side earlier) and the targets, us.
+DEEPSEEK_US = {
+    "run eager": "111-114",
+    "run graph replay": 77.0,
+    "solve CUBE_8P2E ep32": 40.0,
+    "solve HYPERCUBE_16P2E ep16": 137.0,
+    "solve torus_2d(8,4) ep32": 415.0,
+    "solve RING_8P ep32": 26.0,
 }
-TARGETS = {"solve CUBE_8P2E ep32": 10.0, "Planner.run [16384, 8]": 30.0}
+TARGETS_US = {
+    "run eager": 40.0,
+    "run graph replay": 20.0,
+    "solve CUBE_8P2E ep32": 10.0,
+    "solve HYPERCUBE_16P2E ep16": 15.0,
+    "solve torus_2d(8,4) ep32": 60.0,
+}
+MAP_TARGET_RATIO = 2.0  # map_idx at [131072, 8] within 2x a device copy of idx
+
+METHOD_EAGER = (
+    f"wall clock of run + torch.cuda.synchronize() per call, median of {EAGER_CALLS} after "
+    f"{EAGER_WARMUP} warm-up calls"
+)
+METHOD_REPLAY = (
+    f"CUDA events around each replay of a graph holding one call, median of {GRAPH_REPLAYS} "
+    f"replays after {GRAPH_WARMUP}"
+)
 
 
-def time_graph(fn: Callable[[], object], calls: int, replays: int) -> float:
-    """Median microseconds per call of `fn`, captured `calls` times in one CUDA graph."""
+def method_back_to_back(calls: int) -> str:
+    return (
+        f"CUDA events around replays of a graph holding {calls} calls back to back, per call, "
+        f"median of {GRAPH_REPLAYS} replays after {GRAPH_WARMUP}"
+    )
+
+
+def eager_times(fn: Callable[[], object]) -> dict[str, float]:
+    """Synchronised wall clock and host time per call, in us (see METHOD_EAGER)."""
+    for _ in range(EAGER_WARMUP):
+        fn()
+    torch.cuda.synchronize()
+    gc.collect()
+    wall, host = [], []
+    for _ in range(EAGER_CALLS):
+        t0 = time.perf_counter_ns()
+        fn()
+        t1 = time.perf_counter_ns()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter_ns()
+        wall.append((t2 - t0) / 1e3)
+        host.append((t1 - t0) / 1e3)
+    return {
+        "median_us": float(np.median(wall)),
+        "p10_us": float(np.percentile(wall, 10)),
+        "p90_us": float(np.percentile(wall, 90)),
+        "host_median_us": float(np.median(host)),
+    }
+
+
+def graph_times(fn: Callable[[], object], calls: int) -> dict[str, float]:
+    """Per-call GPU time of ``fn`` captured ``calls`` times in one CUDA graph, in us."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    for _ in range(10):
+    for _ in range(GRAPH_WARMUP):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(replays):
+    for _ in range(GRAPH_REPLAYS):
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1000.0 / calls)
-    return float(np.median(times))
+    return {
+        "median_us": float(np.median(times)),
+        "p10_us": float(np.percentile(times, 10)),
+        "p90_us": float(np.percentile(times, 90)),
+    }
 
 
 def random_workloads(rng: np.random.Generator, n: int) -> list[torch.Tensor]:
@@ -88,10 +165,94 @@ def topk_idx(rows: int, seed: int) -> torch.Tensor:
     return idx
 
 
-def bench_solve(calls: int, replays: int, n_workloads: int) -> dict[str, dict[str, float]]:
+def main_planner() -> Planner:
+    return Planner(CUBE_8P2E, N_LOGICAL + 2 * 32, N_LOGICAL, ep_size=32)
+
+
+def bench_floor(calls: int) -> dict[str, object]:
+    """What the methods cost with (almost) nothing to measure."""
+    x = torch.zeros(1, device=CUDA)
+    return {
+        "eager_empty_call": {**eager_times(lambda: None), "method": METHOD_EAGER},
+        "eager_one_tiny_kernel": {**eager_times(lambda: x.add_(1.0)), "method": METHOD_EAGER},
+        "graph_one_tiny_kernel_replay": {
+            **graph_times(lambda: x.add_(1.0), 1),
+            "method": METHOD_REPLAY,
+        },
+        "graph_tiny_kernel_back_to_back": {
+            **graph_times(lambda: x.add_(1.0), calls),
+            "method": method_back_to_back(calls),
+        },
+    }
+
+
+def bench_eager() -> dict[str, object]:
+    """Planner.run eager per idx size: fast path (default) and custom-op path."""
+    planner = main_planner()
+    counter = torch.zeros(1, dtype=torch.int64, device=CUDA)
+    out: dict[str, object] = {"method": METHOD_EAGER}
+    for rows in RUN_ROWS:
+        idx = topk_idx(rows, seed=rows)
+        fast = eager_times(lambda i=idx: planner.run(i, counter))
+        ops = eager_times(lambda i=idx: planner._run_ops(i, counter, None))
+        out[f"[{rows}, {TOP_K}]"] = {"fast_path": fast, "custom_ops": ops}
+    out["fast_path_active"] = default_backend() is not None and len(planner._fast) > 0
+    return out
+
+
+def bench_graph(calls: int) -> dict[str, object]:
+    """Planner.run in a CUDA graph, one call per replay and back to back, per idx size."""
+    planner = main_planner()
+    counter = torch.zeros(1, dtype=torch.int64, device=CUDA)
+    out: dict[str, object] = {}
+    for rows in RUN_ROWS:
+        idx = topk_idx(rows, seed=rows)
+        out[f"[{rows}, {TOP_K}]"] = {
+            "one_call_per_replay": {
+                **graph_times(lambda i=idx: planner.run(i, counter), 1),
+                "method": METHOD_REPLAY,
+            },
+            "back_to_back": {
+                **graph_times(lambda i=idx: planner.run(i, counter), calls),
+                "method": method_back_to_back(calls),
+            },
+        }
+    return out
+
+
+def bench_parts(calls: int) -> dict[str, object]:
+    """count, solve, map_idx and a device copy of idx, back to back, per idx size."""
+    planner = main_planner()
+    n_sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
+    counter = torch.zeros(1, dtype=torch.int64, device=CUDA)
+    out: dict[str, object] = {"method": method_back_to_back(calls), "n_sms": n_sms}
+    for rows in RUN_ROWS:
+        idx = topk_idx(rows, seed=rows)
+        workload, by_sm = planner.count_workload(idx, n_sms)
+        probs, _ = planner.solve_probs(workload, counter)
+        copy_dst = torch.empty_like(idx)
+        times = {
+            "count": graph_times(lambda i=idx: planner.count_workload(i, n_sms), calls),
+            "solve": graph_times(lambda w=workload: planner.solve_probs(w, counter), calls),
+            "map_idx": graph_times(
+                lambda i=idx, p=probs, b=by_sm: planner.weighted_select_target(i, p, b, n_sms),
+                calls,
+            ),
+            "copy_idx": graph_times(lambda i=idx, d=copy_dst: d.copy_(i), calls),
+        }
+        out[f"[{rows}, {TOP_K}]"] = {
+            **{f"{k}_us": v["median_us"] for k, v in times.items()},
+            "idx_bytes": idx.numel() * idx.element_size(),
+        }
+    return out
+
+
+def bench_solve(calls: int, n_workloads: int) -> dict[str, object]:
     """Solve kernel alone per topology: median over workloads of the per-call median."""
     rng = np.random.default_rng(0)
-    out = {}
+    out: dict[str, object] = {
+        "method": method_back_to_back(calls) + f"; median over {n_workloads} workloads",
+    }
     for name, r2o, ep, k in SOLVE_CONFIGS:
         planner = Planner(r2o, N_LOGICAL + k * ep, N_LOGICAL, ep_size=ep)
         counter = torch.zeros(1, dtype=torch.int64, device=CUDA)
@@ -100,11 +261,8 @@ def bench_solve(calls: int, replays: int, n_workloads: int) -> dict[str, dict[st
             fresh = torch.zeros(1, dtype=torch.int64, device=CUDA)
             planner.solve_probs(workload, fresh)
             converged &= int(fresh) == planner.n_group
-            per_workload.append(
-                time_graph(
-                    lambda w=workload, p=planner, c=counter: p.solve_probs(w, c), calls, replays
-                )
-            )
+            solve = lambda w=workload, p=planner, c=counter: p.solve_probs(w, c)  # noqa: E731
+            per_workload.append(graph_times(solve, calls)["median_us"])
         out[name] = {
             "median_us": float(np.median(per_workload)),
             "min_us": float(np.min(per_workload)),
@@ -112,104 +270,184 @@ def bench_solve(calls: int, replays: int, n_workloads: int) -> dict[str, dict[st
             "n_group": planner.n_group,
             "group_size": planner.group_size,
             "n_sets": planner.n_sets,
-            "all_groups_converged": converged,
+            "all_groups_converged": bool(converged),
         }
     return out
 
 
-def bench_planner(calls: int, replays: int) -> dict[str, dict[str, float]]:
-    """Planner.run on CUBE_8P2E, ep 32, and its parts, for each idx size."""
-    planner = Planner(CUBE_8P2E, N_LOGICAL + 2 * 32, N_LOGICAL, ep_size=32)
-    n_sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
-    counter = torch.zeros(1, dtype=torch.int64, device=CUDA)
-    out = {}
-    for rows in RUN_ROWS:
-        idx = topk_idx(rows, seed=rows)
-        workload, by_sm = planner.count_workload(idx, n_sms)
-        probs, _ = planner.solve_probs(workload, counter)
-        copy_dst = torch.empty_like(idx)
-        out[f"[{rows}, {TOP_K}]"] = {
-            "run_us": time_graph(lambda i=idx: planner.run(i, counter, n_sms), calls, replays),
-            "count_us": time_graph(lambda i=idx: planner.count_workload(i, n_sms), calls, replays),
-            "solve_us": time_graph(
-                lambda w=workload: planner.solve_probs(w, counter), calls, replays
-            ),
-            "map_us": time_graph(
-                lambda i=idx, p=probs, b=by_sm: planner.weighted_select_target(i, p, b, n_sms),
-                calls,
-                replays,
-            ),
-            "copy_idx_us": time_graph(lambda i=idx, d=copy_dst: d.copy_(i), calls, replays),
-            "idx_bytes": idx.numel() * idx.element_size(),
-        }
-    return out
+def summary(record: dict[str, object]) -> list[dict[str, object]]:
+    """The rows of the issue's table from the sections that ran (missing sections skipped)."""
+    rows: list[dict[str, object]] = []
+    key = f"[{MAIN_ROWS}, {TOP_K}]"
 
+    def add(name: str, measured: float, method: str, target: float | None, ref: object) -> None:
+        rows.append(
+            {
+                "row": name,
+                "measured_us": round(measured, 2),
+                "method": method,
+                "target_us": target,
+                "target_met": None if target is None else bool(measured <= target),
+                "deepseek_lplb_h100_us": ref,
+            }
+        )
 
-def tiny_kernel_us(calls: int, replays: int) -> float:
-    """Per-kernel cost of a one-element add in the same graph setup: the launch floor."""
-    x = torch.zeros(1, device=CUDA)
-    return time_graph(lambda: x.add_(1.0), calls, replays)
+    eager = record.get("eager")
+    if isinstance(eager, dict) and key in eager:
+        add(
+            f"Planner.run eager {key} (fast path)",
+            eager[key]["fast_path"]["median_us"],
+            eager["method"],
+            TARGETS_US["run eager"],
+            DEEPSEEK_US["run eager"],
+        )
+        add(
+            f"Planner.run eager {key} (custom ops, the previous path)",
+            eager[key]["custom_ops"]["median_us"],
+            eager["method"],
+            None,
+            DEEPSEEK_US["run eager"],
+        )
+    graph = record.get("graph")
+    if isinstance(graph, dict) and key in graph:
+        for kind, target in (
+            ("one_call_per_replay", TARGETS_US["run graph replay"]),
+            ("back_to_back", None),
+        ):
+            row = graph[key][kind]
+            add(
+                f"Planner.run {key} in a CUDA graph, {kind.replace('_', ' ')}",
+                row["median_us"],
+                row["method"],
+                target,
+                DEEPSEEK_US["run graph replay"] if target else None,
+            )
+    solve = record.get("solve")
+    if isinstance(solve, dict):
+        for name in ("CUBE_8P2E ep32", "HYPERCUBE_16P2E ep16", "torus_2d(8,4) ep32"):
+            if name in solve:
+                add(
+                    f"solve kernel {name}",
+                    solve[name]["median_us"],
+                    solve["method"],
+                    TARGETS_US[f"solve {name}"],
+                    DEEPSEEK_US[f"solve {name}"],
+                )
+    parts = record.get("parts")
+    big = f"[{RUN_ROWS[-1]}, {TOP_K}]"
+    if isinstance(parts, dict) and big in parts:
+        copy_us = parts[big]["copy_idx_us"]
+        add(
+            f"map_idx {big} (device copy of idx: {copy_us:.2f} us)",
+            parts[big]["map_idx_us"],
+            parts["method"],
+            MAP_TARGET_RATIO * copy_us,
+            None,
+        )
+    return rows
 
 
 def versions() -> dict[str, str]:
     def run(cmd: list[str]) -> str:
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError) as err:
+            return subprocess.run(
+                cmd, capture_output=True, text=True, check=True, timeout=60
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as err:
             return f"unavailable ({err})"
 
-    nvcc = run(["nvcc", "--version"]).splitlines()
+    nvcc = "unavailable"
+    for exe in ("nvcc", "/usr/local/cuda/bin/nvcc"):
+        lines = run([exe, "--version"]).splitlines()
+        if lines and not lines[0].startswith("unavailable"):
+            nvcc = lines[-1]
+            break
+    props = torch.cuda.get_device_properties(CUDA)
     return {
         "device": torch.cuda.get_device_name(CUDA),
         "driver": run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
         "torch": torch.__version__,
         "torch_cuda": str(torch.version.cuda),
-        "nvcc": nvcc[-1] if nvcc else "unavailable",
-        "sm_count": str(torch.cuda.get_device_properties(CUDA).multi_processor_count),
+        "nvcc": nvcc,
+        "python": sys.version.split()[0],
+        "sm_count": str(props.multi_processor_count),
     }
+
+
+def gpu_tag(device_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; the file name of the record."""
+    match = re.search(r"\b([a-z]\d{2,4}[a-z]?)\b", device_name.lower())
+    return match.group(1) if match else re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
+
+
+def print_report(record: dict[str, object]) -> None:
+    print(
+        f"{record['device']}  driver {record['driver']}  torch {record['torch']}  {record['nvcc']}"
+    )
+    print(f"command: {record['command']}")
+    for row in record["summary"]:
+        target = row["target_us"]
+        verdict = (
+            ""
+            if target is None
+            else f"  target <= {target:.1f} us: {'met' if row['target_met'] else 'MISSED'}"
+        )
+        ref = row["deepseek_lplb_h100_us"]
+        ref_s = "" if ref is None else f"  (DeepSeek LPLB {ref} us)"
+        print(f"{row['row']}: {row['measured_us']:.2f} us{verdict}{ref_s}")
+        print(f"    method: {row['method']}")
+    for name, err in record["errors"].items():
+        print(f"section {name} FAILED: {err.splitlines()[-1]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/lplb_h100.json"))
-    parser.add_argument("--calls", type=int, default=20, help="calls captured per graph")
-    parser.add_argument("--replays", type=int, default=200, help="timed graph replays")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default bench/results/lplb_<gpu>.json"
+    )
+    parser.add_argument("--calls", type=int, default=20, help="calls per back-to-back graph")
     parser.add_argument("--workloads", type=int, default=8, help="workloads per solve config")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_lplb.py needs a CUDA GPU")
 
-    record = {
+    started = time.perf_counter()
+    record: dict[str, object] = {
         **versions(),
         "command": " ".join([sys.executable, *sys.argv]),
-        "calls_per_graph": args.calls,
-        "replays": args.replays,
-        "tiny_kernel_us": tiny_kernel_us(args.calls, args.replays),
-        "solve": bench_solve(args.calls, args.replays, args.workloads),
-        "planner": bench_planner(args.calls, args.replays),
-        "targets_us": TARGETS,
-        "deepseek_lplb_h100_us": {
-            **{f"solve {k}": v for k, v in DEEPSEEK_SOLVE_US.items()},
-            "Planner.run [16384, 8]": 77.0,
-        },
+        "fast_path_built": default_backend() is not None,
+        "setup": (
+            f"CUBE_8P2E, ep 32, 2 redundant slots per rank, E = {N_LOGICAL}, idx [rows, {TOP_K}] "
+            "int64 top-8 of skewed random scores; solve: log-normal workloads around 512 tokens"
+        ),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    errors: dict[str, str] = {}
+    sections = {
+        "floor": lambda: bench_floor(args.calls),
+        "eager": bench_eager,
+        "graph": lambda: bench_graph(args.calls),
+        "parts": lambda: bench_parts(args.calls),
+        "solve": lambda: bench_solve(args.calls, args.workloads),
+    }
+    for name, section in sections.items():
+        try:
+            record[name] = section()
+        except Exception:  # recorded; the other sections still run
+            errors[name] = traceback.format_exc()
+            torch.cuda.synchronize()
+    record["summary"] = summary(record)
+    record["errors"] = errors
+    record["targets_us"] = {**TARGETS_US, "map_idx [131072, 8]": f"<= {MAP_TARGET_RATIO}x copy"}
+    record["deepseek_lplb_h100_us"] = DEEPSEEK_US
+    record["seconds"] = round(time.perf_counter() - started, 1)
 
-    print(f"{record['device']}  driver {record['driver']}  torch {record['torch']}")
-    print(f"tiny kernel (launch floor in a graph): {record['tiny_kernel_us']:.2f} us")
-    print(f"{'solve kernel':<24}{'median us':>10}{'min':>8}{'max':>8}{'DeepSeek':>10}")
-    for name, row in record["solve"].items():
-        ref = DEEPSEEK_SOLVE_US.get(name)
-        ref_s = f"{ref:>10.0f}" if ref else f"{'-':>10}"
-        print(
-            f"{name:<24}{row['median_us']:>10.2f}{row['min_us']:>8.2f}{row['max_us']:>8.2f}{ref_s}"
-        )
-    print(f"{'CUBE_8P2E ep32 idx':<20}{'run':>8}{'count':>8}{'solve':>8}{'map':>8}{'copy':>8}")
-    for name, row in record["planner"].items():
-        cols = ("run_us", "count_us", "solve_us", "map_us", "copy_idx_us")
-        print(f"{name:<20}" + "".join(f"{row[c]:>8.2f}" for c in cols))
-    print(f"wrote {args.out}")
+    out = args.out or Path("bench/results") / f"lplb_{gpu_tag(str(record['device']))}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+    print_report(record)
+    print(f"wrote {out} in {record['seconds']} s")
+    if errors:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,14 @@ def main() -> None:
         for dtype in (torch.int32, torch.int64):
             idx = torch.randint(-1, N_LOGICAL, (3000, 8), device=cuda, generator=gen).to(dtype)
             idx[0, 0] = N_LOGICAL + 5  # out of range: flagged and ignored, never read out of bounds
-            out = planner.run(idx, counter, n_sms=37)
-            torch.cuda.synchronize()
-            assert out.shape == idx.shape
+            # The first call of a key runs the custom ops, the next ones the eager fast path
+            # (lplb/fast_path.py); the third sums the workload through an exchange in between.
+            for call in range(3):
+                planner._exchange = (lambda w: w * 2) if call == 2 else None
+                out = planner.run(idx, counter, n_sms=37)
+                torch.cuda.synchronize()
+                assert out.shape == idx.shape
+            assert len(planner._fast) > 0, "the fast path was not used"
     print("sanitize run finished, counter", int(counter))
 
 

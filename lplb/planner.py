@@ -2,7 +2,8 @@
 
 The Planner owns the physical layout (which logical expert sits in which physical slot, and
 which slots are copies of which) and drives the three custom ops of lplb/ops.py:
-count tokens -> (all-reduce over the EP group) -> solve one LP per group -> map tokens.
+count tokens -> (all-reduce over the EP group) -> solve one LP per group -> map tokens (eager
+CUDA calls launch the same kernels through the cached native call of lplb/fast_path.py).
 The layout arithmetic lives in lplb/layout.py. Layout maps are kept on the CPU and copied to a
 tensor's device on first use, so that `run` has no host synchronisation and no data-dependent
 Python control flow (CUDA graphs, torch.compile(fullgraph=True)). Intentional differences from
@@ -11,13 +12,15 @@ DeepSeek LPLB are listed in docs/lplb.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from eplb.checks import int_tensor, load_tensor, positive_int, process_group, tensor
-from lplb import ops
+from lplb import comm, ops
+from lplb.fast_path import FastPath, default_backend
 from lplb.layout import expert_order, redundancy_layout
 from lplb.topology import validate_r2o
 
@@ -105,6 +108,11 @@ class Planner:
             raise ValueError(f"num_nodes={num_nodes} does not divide ep_size={ep_size}")
 
         self.group = group
+        # Sums this rank's workload over the group before solving (lplb/comm.py): None without a
+        # group, torch.distributed all-reduce by default, NVSHMEM after init_nvshmem().
+        self._exchange: Callable[[torch.Tensor], torch.Tensor] | None = (
+            comm.AllReduceExchange(group) if group is not None else None
+        )
         self.ep_size = ep_size
         self.group_size = group_size
         self.n_sets = n_sets
@@ -128,12 +136,64 @@ class Planner:
         self._maps: dict[torch.device, _DeviceMaps] = {}
         self._error_flags: dict[torch.device, torch.Tensor] = {}
         self._n_sms: dict[torch.device, int] = {}
+        # Launch plans of the eager CUDA fast path of `run`, dropped when the layout changes.
+        self._fast = FastPath(default_backend())
         self.update_redundancy_mapping()
 
     @property
     def ep_group(self) -> dist.ProcessGroup | None:
         """DeepSeek LPLB's name of the EP process group (``group``)."""
         return self.group
+
+    def init_nvshmem(self, group: dist.ProcessGroup | None = None) -> None:
+        """Sum workloads with the device-side NVSHMEM exchange instead of an all-reduce.
+
+        Starts NVSHMEM over ``group`` (default: the Planner's group) with the unique-id
+        bootstrap, or reuses the runtime already started in this process over the same ranks,
+        and allocates this Planner's symmetric buffers on the current CUDA device. Collective:
+        every rank of the group calls it, for its Planners in the same order. Afterwards
+        workloads must be int32 on that device (``count_workload``'s). docs/exchange.md.
+
+        Args:
+            group: process group of the ``ep_size`` EP ranks; becomes the Planner's group.
+
+        Raises:
+            ValueError: no group, or its size differs from ep_size.
+            ImportError: lplb was built without NVSHMEM (install nvidia-nvshmem-cu13 and rebuild
+                with LPLB_NVSHMEM=1).
+            RuntimeError: NVSHMEM failed to start, or already runs over other ranks.
+        """
+        group = process_group("group", group)
+        group = self._nvshmem_group(self.group if group is None else group)
+        comm.init_nvshmem_runtime(group)
+        self._exchange = comm.NvshmemExchange(group, self.n_logical)
+        self.group = group
+
+    def init_from_deep_ep(self, buffer: object) -> None:
+        """Like ``init_nvshmem``, on the NVSHMEM runtime a ``deep_ep.Buffer`` started.
+
+        DeepEP must start NVSHMEM with one PE per rank of its group (low-latency mode) and load
+        the same shared ``libnvshmem_host.so.3`` as lplb; the group becomes the Planner's.
+
+        Raises:
+            ImportError: ``deep_ep`` (or lplb's NVSHMEM build) is missing.
+            TypeError: ``buffer`` is not a ``deep_ep.Buffer``.
+            ValueError: the buffer's group size differs from ep_size.
+            RuntimeError: the buffer did not start NVSHMEM, or its PEs are not the group's ranks.
+        """
+        group = comm.attach_deep_ep(buffer)
+        self._exchange = comm.NvshmemExchange(self._nvshmem_group(group), self.n_logical)
+        self.group = group
+
+    def _nvshmem_group(self, group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+        if group is None:
+            raise ValueError(
+                "the NVSHMEM exchange needs a process group: pass group= or build the Planner "
+                "with one"
+            )
+        if group.size() != self.ep_size:
+            raise ValueError(f"the group has {group.size()} ranks, but ep_size is {self.ep_size}")
+        return group
 
     def update_redundancy_mapping(
         self, workload: torch.Tensor | None = None
@@ -174,6 +234,7 @@ class Planner:
             for t in (layout.phy2log, layout.log2phy, layout.logcnt, layout.prob_index)
         )
         self._maps = {}
+        self._fast.clear()  # its plans point into the previous maps
         if torch.cuda.is_available():
             # Copy the maps to the current GPU now, so that the first `run` there neither
             # synchronises nor breaks a CUDA graph capture with a host-to-device copy.
@@ -282,9 +343,8 @@ class Planner:
             raise ValueError(
                 f"workload must have shape [{self.n_logical}], got {tuple(workload.shape)}"
             )
-        if self.group is not None:
-            workload = workload.clone()
-            dist.all_reduce(workload, group=self.group)
+        if self._exchange is not None:
+            workload = self._exchange(workload)
         maps = self._device_maps(workload.device)
         probs = torch.ops.lplb.solve(
             workload, maps.phy2log, maps.r2o, maps.o2r, avail_counter, self._layout_ints
@@ -332,7 +392,13 @@ class Planner:
     def run(
         self, idx: torch.Tensor, avail_counter: torch.Tensor, n_sms: int | None = None
     ) -> torch.Tensor:
-        """Balance one batch: count -> (all-reduce) -> solve -> map.
+        """Balance one batch: count -> (sum over the EP group) -> solve -> map.
+
+        On CUDA, outside tracing and CUDA-graph capture, the first call per (device, idx
+        dtype, n_sms, stream, thread) runs the custom ops (which validate the arguments) and
+        later calls launch the same kernels through one cached native call (lplb/fast_path.py):
+        the result is identical, the host time a fraction. torch.compile, CUDA-graph capture,
+        fake tensors and the CPU take the custom ops every time.
 
         Args:
             idx: any shape, int32/int64 logical expert indices in [-1, E).
@@ -343,6 +409,14 @@ class Planner:
         Returns:
             Physical expert indices, same shape and dtype as idx.
         """
+        if torch.compiler.is_compiling():
+            return self._run_ops(idx, avail_counter, n_sms)
+        return self._fast.run(self, idx, avail_counter, n_sms)
+
+    def _run_ops(
+        self, idx: torch.Tensor, avail_counter: torch.Tensor, n_sms: int | None
+    ) -> torch.Tensor:
+        """``run`` through the three custom ops (traceable; validates every argument)."""
         int_tensor("idx", idx, dtypes=ops.INDEX_DTYPES)
         if n_sms is None:
             n_sms = self._default_n_sms(idx.device)

@@ -393,9 +393,9 @@ def map_idx(
     local = torch.empty_like(flat)
     local[order] = torch.arange(n, dtype=torch.int64) - run_start
     # Tokens of each expert in the chunks before this one: the previous inclusive row.
-    before = torch.cat(
-        [workload_by_sm.new_zeros(1, n_logical), workload_by_sm[:-1]]
-    ).to(torch.int64)
+    before = torch.cat([workload_by_sm.new_zeros(1, n_logical), workload_by_sm[:-1]]).to(
+        torch.int64
+    )
     k = (before[sm, expert] + local).to(torch.float64)
 
     pidx = prob_index.to(torch.int64)[expert]

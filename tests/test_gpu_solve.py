@@ -142,4 +142,6 @@ def test_bad_sizes_raise_before_launch() -> None:
     with pytest.raises(ValueError, match="phy2log"):
         torch.ops.lplb.solve(workload, maps.phy2log[:-1], maps.r2o, maps.o2r, counter, list(layout))
     with pytest.raises(TypeError, match="avail_counter"):
-        torch.ops.lplb.solve(workload, maps.phy2log, maps.r2o, maps.o2r, counter.float(), list(layout))
+        torch.ops.lplb.solve(
+            workload, maps.phy2log, maps.r2o, maps.o2r, counter.float(), list(layout)
+        )

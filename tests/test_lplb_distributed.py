@@ -9,6 +9,9 @@ runs every topology; the tests check its records.
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,8 @@ def _rank_idx(rank: int, call: int) -> torch.Tensor:
     """Each rank routes its own tokens, with its own hot experts and a few dropped (-1) slots."""
     rng = np.random.default_rng(100 + rank + 1000 * call)
     popularity = random_workloads(rng, 3, N_LOGICAL)[call % 3, 0] + 1.0
-    idx = rng.choice(N_LOGICAL, size=(300 + 50 * rank + 7 * call, 4), p=popularity / popularity.sum())
+    size = (300 + 50 * rank + 7 * call, 4)
+    idx = rng.choice(N_LOGICAL, size=size, p=popularity / popularity.sum())
     idx[rng.random(idx.shape) < 0.03] = -1
     return torch.from_numpy(idx)
 
@@ -153,6 +157,7 @@ def test_run_conserves_tokens_and_maps_like_the_single_process_planner(records: 
                 assert torch.equal(out, _expected_run(world, name, rank, call)), (name, rank)
                 # Every token lands on a slot of its own expert; dropped slots stay -1.
                 kept = idx >= 0
+                assert bool((out[kept] >= 0).all())
                 assert torch.equal(phy2log[out[kept]], idx[kept])
                 assert torch.equal(out[~kept], idx[~kept])
             assert torch.equal(rec["mapped"], rec["run"][-1])
@@ -194,3 +199,71 @@ def test_nvshmem_entry_points_reject_bad_arguments() -> None:
         with pytest.raises(TypeError, match=r"deep_ep\.Buffer"):
             planner.init_from_deep_ep(object())
     assert planner._exchange is None and planner.group is None
+
+
+class _FakeNvshmem(types.ModuleType):
+    """Stand-in for lplb._nvshmem: records the calls lplb.comm makes to start NVSHMEM."""
+
+    def __init__(self, status: int = 0, pe_offset: int = 0) -> None:
+        super().__init__("lplb._nvshmem")
+        self.status, self.pe_offset, self.calls = status, pe_offset, []
+
+    def init_status(self) -> int:
+        return self.status
+
+    def unique_id(self) -> bytes:
+        self.calls.append("unique_id")
+        return bytes(range(128))
+
+    def init(self, device: int, uid: bytes, rank: int, world: int) -> tuple[int, int]:
+        self.calls.append(("init", device, uid, rank, world))
+        return rank + self.pe_offset, world
+
+    def attach(self, device: int) -> tuple[int, int]:
+        self.calls.append(("attach", device))
+        return 0, 1
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch: pytest.MonkeyPatch):
+    """A 1-rank gloo group in this process, a fake CUDA device 3 and no NVSHMEM runtime yet."""
+    monkeypatch.setattr(comm, "_runtime", None)
+    monkeypatch.setattr(comm, "_current_device", lambda: 3)
+    monkeypatch.delenv("NVSHMEM_DISABLE_NVLS", raising=False)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nvshmem_start_broadcasts_a_unique_id_and_starts_once(
+    one_rank_group, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _FakeNvshmem()
+    monkeypatch.setitem(sys.modules, "lplb._nvshmem", fake)
+    comm.init_nvshmem_runtime(one_rank_group)
+    assert fake.calls == ["unique_id", ("init", 3, bytes(range(128)), 0, 1)]
+    assert os.environ["NVSHMEM_DISABLE_NVLS"] == "1"  # NVLink multicast stays off
+    comm.init_nvshmem_runtime(one_rank_group)  # the runtime of this process is reused
+    assert len(fake.calls) == 2
+    assert comm._runtime == comm._Runtime((0,), 3, attached=False)
+
+
+def test_nvshmem_started_elsewhere_is_attached_not_bootstrapped(
+    one_rank_group, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _FakeNvshmem(status=2)  # NVSHMEM_STATUS_IS_INITIALIZED, e.g. by DeepEP
+    monkeypatch.setitem(sys.modules, "lplb._nvshmem", fake)
+    comm.init_nvshmem_runtime(one_rank_group)
+    assert fake.calls == [("attach", 3)]
+    assert comm._runtime.attached
+
+
+def test_nvshmem_pes_that_are_not_the_group_ranks_are_refused(
+    one_rank_group, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "lplb._nvshmem", _FakeNvshmem(pe_offset=1))
+    with pytest.raises(RuntimeError, match="PE i to be rank i"):
+        comm.init_nvshmem_runtime(one_rank_group)
+    assert comm._runtime is None

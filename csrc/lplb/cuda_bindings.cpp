@@ -21,6 +21,9 @@ void use_device(int device) { lplb::check_cuda(cudaSetDevice(device), "cudaSetDe
 
 }  // namespace
 
+// The eager fast path of Planner.run (csrc/lplb/cuda_run.cpp).
+void register_run(py::module_& m);
+
 void register_cuda(py::module_& m) {
   m.def(
       "count_idx_cuda",
@@ -84,4 +87,6 @@ void register_cuda(py::module_& m) {
                py::arg("int64") = static_cast<int>(lplb::WorkloadType::kInt64),
                py::arg("float32") = static_cast<int>(lplb::WorkloadType::kFloat32),
                py::arg("float64") = static_cast<int>(lplb::WorkloadType::kFloat64));
+
+  register_run(m);
 }

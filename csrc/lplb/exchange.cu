@@ -1,0 +1,214 @@
+// NVSHMEM workload exchange: the device-side sum of every rank's per-expert counts
+// (docs/exchange.md). Compiled only into lplb._nvshmem, with relocatable device code and a
+// device link against libnvshmem_device.a (CMakeLists.txt); lplb._C never sees this file.
+//
+// Protocol of one call on PE `me` (one block, stream-ordered, no host involvement):
+//   1. seq = *sequence + 1 (device counter of this exchange); parity p = seq & 1.
+//   2. Copy the input counts to the symmetric `send` buffer.
+//   3. For every peer q: put `send` into q's recv[p][me] and set q's signal[p][me] = seq
+//      (put-with-signal: the signal lands after the data).
+//   4. Wait until signal[p][q] >= seq in my own memory for every peer q.
+//   5. output[e] = sum over q = 0..world-1, in that fixed order, of recv[p][q][e] (my own counts
+//      for q = me). Integer sums: every PE computes bitwise the same total.
+//   6. nvshmem_quiet() (my puts complete, so `send` may be rewritten), *sequence = seq.
+//
+// Why two parities are enough (no call mixes with another; write-after-read safety):
+//   * Call seq of PE q writes only slot recv[p][q] and word signal[p][q] of each peer, p = seq & 1.
+//   * q starts call seq only after its call seq - 1 finished, and that call waited for the
+//     signal of every peer for seq - 1. A peer sends its seq - 1 signal at the start of its call
+//     seq - 1, i.e. after its call seq - 2 finished (kernels of one stream run one after the
+//     other). So when q writes parity p for seq, every peer has finished call seq - 2, the last
+//     call that read parity p: the write never lands in a slot a peer is still reading.
+//   * Conversely q can be at most one call ahead of me: to start seq + 1 it needs my seq signal,
+//     which I send only at the start of my call seq. While I wait in call seq, q may already be
+//     in call seq + 1, but that call writes the other parity; it cannot reach call seq + 2 (the
+//     next user of parity p) before I send my seq + 1 signal, after I finished reading call seq.
+//   * Hence while I wait in call seq, signal[p][q] holds seq - 2 (q not there yet) or seq (its
+//     data has landed), never anything larger: `>= seq` means exactly "call seq's data is here".
+//   * `send` is rewritten at the start of the next call only after step 6 of this call.
+// All PEs must make the same sequence of calls on one stream each, like any collective.
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "common.cuh"
+#include "exchange.h"
+
+namespace lplb::exchange {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps: up to 8 peers written in parallel, E <= 2048 in 8 steps
+constexpr int kWarp = 32;
+
+void check_nvshmem(int status, const char* what) {
+  if (status != 0) {
+    throw std::runtime_error(std::string("lplb NVSHMEM error in ") + what + ": status " +
+                             std::to_string(status) + " (set NVSHMEM_DEBUG=INFO for details)");
+  }
+}
+
+// A peer's counts, read past the L1 cache: they were written by another GPU (or a NIC).
+__device__ __forceinline__ std::int32_t load_remote_written(const std::int32_t* p) {
+  return *reinterpret_cast<const volatile std::int32_t*>(p);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    sum_kernel(Buffers b, const std::int32_t* __restrict__ input, std::int32_t* __restrict__ output,
+               std::uint64_t* __restrict__ sequence) {
+  __shared__ std::uint64_t seq_shared;
+  const int tid = threadIdx.x;
+  if (tid == 0) seq_shared = *sequence + 1;
+  for (int e = tid; e < b.n; e += blockDim.x) b.send[e] = input[e];
+  // A proxy transport (InfiniBand) reads `send` with the NIC: make the copy visible system-wide
+  // first. Peers reached by loads/stores read it through this block's own stores instead.
+  if (!b.all_p2p) __threadfence_system();
+  __syncthreads();
+
+  const std::uint64_t seq = seq_shared;
+  const int parity = static_cast<int>(seq & 1u);
+  std::int32_t* slots = b.recv + static_cast<std::size_t>(parity) * b.world * b.n;
+  std::uint64_t* signals = b.signal + static_cast<std::size_t>(parity) * b.world;
+
+  // Step 3: warp w writes to peers me + 1 + w, me + 1 + w + 8, ... (staggered so that the PEs
+  // do not all write to PE 0 first).
+  const int warp = tid / kWarp;
+  const int n_warps = blockDim.x / kWarp;
+  for (int i = warp; i < b.world - 1; i += n_warps) {
+    const int peer = (b.rank + 1 + i) % b.world;
+    nvshmemx_int32_put_signal_nbi_warp(slots + static_cast<std::size_t>(b.rank) * b.n, b.send,
+                                       b.n, signals + b.rank, seq, NVSHMEM_SIGNAL_SET, peer);
+  }
+  // Step 4: one thread per peer; wait_until orders the later loads after the signal.
+  for (int q = tid; q < b.world; q += blockDim.x) {
+    if (q != b.rank) nvshmem_uint64_wait_until(signals + q, NVSHMEM_CMP_GE, seq);
+  }
+  __syncthreads();
+
+  // Step 5: fixed rank order; unsigned arithmetic so that even a wrapped sum is well defined
+  // and the same on every PE. Thread tid reads back the `send` entries it wrote itself.
+  for (int e = tid; e < b.n; e += blockDim.x) {
+    std::uint32_t total = 0;
+    for (int q = 0; q < b.world; ++q) {
+      const std::int32_t v =
+          q == b.rank ? b.send[e] : load_remote_written(slots + static_cast<std::size_t>(q) * b.n + e);
+      total += static_cast<std::uint32_t>(v);
+    }
+    output[e] = static_cast<std::int32_t>(total);
+  }
+  __syncthreads();  // every warp has issued its puts before thread 0 waits for their completion
+  if (tid == 0) {
+    nvshmem_quiet();
+    *sequence = seq;
+  }
+}
+
+// nvshmemx_init_attr() with the status returned instead of exit(): nvshmemx_init_attr is an
+// inline wrapper around nvshmemi_init_thread that terminates the process on failure, which would
+// take the Python interpreter down without a traceback.
+void init_thread(unsigned int flags, nvshmemx_init_attr_t* attr) {
+  if (attr != nullptr) nvshmemx_init_init_attr_ver_only((*attr));
+  int provided = 0;
+  const nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
+                                      NVSHMEM_VENDOR_PATCH_VERSION};
+  check_nvshmem(nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, flags, attr, version),
+                "nvshmemi_init_thread");
+}
+
+template <typename T>
+T* symmetric_zeros(std::size_t count, const char* what) {
+  void* ptr = nvshmem_malloc(count * sizeof(T));
+  if (ptr == nullptr) {
+    throw std::runtime_error(std::string("lplb NVSHMEM error: nvshmem_malloc of ") + what +
+                             " failed (symmetric heap exhausted? see NVSHMEM_SYMMETRIC_SIZE)");
+  }
+  check_cuda(cudaMemset(ptr, 0, count * sizeof(T)), "cudaMemset");
+  return static_cast<T*>(ptr);
+}
+
+}  // namespace
+
+std::string unique_id() {
+  nvshmemx_uniqueid_t uid = NVSHMEMX_UNIQUEID_INITIALIZER;
+  check_nvshmem(nvshmemx_get_uniqueid(&uid), "nvshmemx_get_uniqueid");
+  return std::string(reinterpret_cast<const char*>(&uid), sizeof(uid));
+}
+
+int init_status() { return nvshmemx_init_status(); }
+
+std::pair<int, int> init(int device, const std::string& uid_bytes, int rank, int world) {
+  if (uid_bytes.size() != sizeof(nvshmemx_uniqueid_t)) {
+    throw std::invalid_argument("NVSHMEM unique id must have " +
+                                std::to_string(sizeof(nvshmemx_uniqueid_t)) + " bytes, got " +
+                                std::to_string(uid_bytes.size()));
+  }
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  nvshmemx_uniqueid_t uid;
+  std::memcpy(&uid, uid_bytes.data(), sizeof(uid));
+  nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
+  check_nvshmem(nvshmemx_set_attr_uniqueid_args(rank, world, &uid, &attr),
+                "nvshmemx_set_attr_uniqueid_args");
+  init_thread(NVSHMEMX_INIT_WITH_UNIQUEID, &attr);
+  return {nvshmem_my_pe(), nvshmem_n_pes()};
+}
+
+std::pair<int, int> attach(int device) {
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  if (nvshmemx_init_status() == NVSHMEM_STATUS_NOT_INITIALIZED) {
+    throw std::runtime_error(
+        "NVSHMEM is not initialised in this process as seen by lplb's NVSHMEM host library "
+        "(libnvshmem_host.so.3): the library that initialised it must load the same shared "
+        "libnvshmem_host.so.3 (a statically linked NVSHMEM keeps its own state)");
+  }
+  // Already bootstrapped: NVSHMEM skips the bootstrap, registers this module's device state and
+  // copies the running state into it (flags and attributes are ignored).
+  init_thread(0, nullptr);
+  return {nvshmem_my_pe(), nvshmem_n_pes()};
+}
+
+Buffers allocate(int device, int n) {
+  if (n < 1) throw std::invalid_argument("NVSHMEM exchange needs n >= 1, got " + std::to_string(n));
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  Buffers b;
+  b.n = n;
+  b.rank = nvshmem_my_pe();
+  b.world = nvshmem_n_pes();
+  const auto world = static_cast<std::size_t>(b.world);
+  b.recv = symmetric_zeros<std::int32_t>(2 * world * n, "the receive slots");
+  b.signal = symmetric_zeros<std::uint64_t>(2 * world, "the signal words");
+  b.send = symmetric_zeros<std::int32_t>(n, "the send buffer");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  // No PE may put into a peer before that peer has zeroed its signal words.
+  nvshmem_barrier_all();
+  b.all_p2p = true;
+  for (int pe = 0; pe < b.world; ++pe) {
+    if (nvshmem_ptr(b.recv, pe) == nullptr) b.all_p2p = false;
+  }
+  return b;
+}
+
+void launch_sum(int device, const Buffers& buffers, const std::int32_t* input,
+                std::int32_t* output, std::uint64_t* sequence, cudaStream_t stream) {
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  sum_kernel<<<1, kThreads, 0, stream>>>(buffers, input, output, sequence);
+  check_launch("lplb NVSHMEM exchange kernel");
+}
+
+void finalize() { nvshmem_finalize(); }
+
+std::string build_version() {
+  return std::to_string(NVSHMEM_VENDOR_MAJOR_VERSION) + "." +
+         std::to_string(NVSHMEM_VENDOR_MINOR_VERSION) + "." +
+         std::to_string(NVSHMEM_VENDOR_PATCH_VERSION);
+}
+
+std::string runtime_version() {
+  int major = 0, minor = 0, patch = 0;
+  nvshmemx_vendor_get_version_info(&major, &minor, &patch);
+  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch);
+}
+
+}  // namespace lplb::exchange
