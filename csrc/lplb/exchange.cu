@@ -4,13 +4,14 @@
 //
 // Protocol of one call on PE `me` (one block, stream-ordered, no host involvement):
 //   1. seq = *sequence + 1 (device counter of this exchange); parity p = seq & 1.
-//   2. Copy the input counts to the symmetric `send` buffer.
-//   3. For every peer q: put `send` into q's recv[p][me] and set q's signal[p][me] = seq
+//   2. Over InfiniBand only: copy the input counts to the symmetric `send` buffer (the NIC reads
+//      registered memory); over NVLink/PCIe the puts read the input in place.
+//   3. For every peer q: put the counts into q's recv[p][me] and set q's signal[p][me] = seq
 //      (put-with-signal: the signal lands after the data).
 //   4. Wait until signal[p][q] >= seq in my own memory for every peer q.
 //   5. output[e] = sum over q = 0..world-1, in that fixed order, of recv[p][q][e] (my own counts
 //      for q = me). Integer sums: every PE computes bitwise the same total.
-//   6. nvshmem_quiet() (my puts complete, so `send` may be rewritten), *sequence = seq.
+//   6. nvshmem_quiet() (my puts complete, so their source may be rewritten), *sequence = seq.
 //
 // Why two parities are enough (no call mixes with another; write-after-read safety):
 //   * Call seq of PE q writes only slot recv[p][q] and word signal[p][q] of each peer, p = seq & 1.
@@ -25,7 +26,8 @@
 //     next user of parity p) before I send my seq + 1 signal, after I finished reading call seq.
 //   * Hence while I wait in call seq, signal[p][q] holds seq - 2 (q not there yet) or seq (its
 //     data has landed), never anything larger: `>= seq` means exactly "call seq's data is here".
-//   * `send` is rewritten at the start of the next call only after step 6 of this call.
+//   * The puts' source (`send`, or the caller's input) is rewritten only after step 6 of this
+//     call: by the next call of this kernel, or by the next kernel on the stream.
 // All PEs must make the same sequence of calls on one stream each, like any collective.
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -59,16 +61,22 @@ __device__ __forceinline__ std::int32_t load_remote_written(const std::int32_t* 
 __global__ void __launch_bounds__(kThreads)
     sum_kernel(Buffers b, const std::int32_t* __restrict__ input, std::int32_t* __restrict__ output,
                std::uint64_t* __restrict__ sequence) {
-  __shared__ std::uint64_t seq_shared;
   const int tid = threadIdx.x;
-  if (tid == 0) seq_shared = *sequence + 1;
-  for (int e = tid; e < b.n; e += blockDim.x) b.send[e] = input[e];
-  // A proxy transport (InfiniBand) reads `send` with the NIC: make the copy visible system-wide
-  // first. Peers reached by loads/stores read it through this block's own stores instead.
-  if (!b.all_p2p) __threadfence_system();
-  __syncthreads();
+  // Every thread reads the counter itself: thread 0 rewrites it only at the very end, after the
+  // last __syncthreads, so all threads see the same value without a barrier here.
+  const std::uint64_t seq = *sequence + 1;
+  // Over NVLink/PCIe peers the puts are this block's own loads and stores, so they can read the
+  // caller's counts in place (kept unchanged until the quiet below, as the stream orders the
+  // next writer after this kernel). A proxy transport (InfiniBand) reads the source with the
+  // NIC, so it gets the symmetric `send` copy, made visible system-wide first.
+  const std::int32_t* source = input;
+  if (!b.all_p2p) {
+    for (int e = tid; e < b.n; e += blockDim.x) b.send[e] = input[e];
+    __threadfence_system();
+    __syncthreads();
+    source = b.send;
+  }
 
-  const std::uint64_t seq = seq_shared;
   const int parity = static_cast<int>(seq & 1u);
   std::int32_t* slots = b.recv + static_cast<std::size_t>(parity) * b.world * b.n;
   std::uint64_t* signals = b.signal + static_cast<std::size_t>(parity) * b.world;
@@ -79,7 +87,7 @@ __global__ void __launch_bounds__(kThreads)
   const int n_warps = blockDim.x / kWarp;
   for (int i = warp; i < b.world - 1; i += n_warps) {
     const int peer = (b.rank + 1 + i) % b.world;
-    nvshmemx_int32_put_signal_nbi_warp(slots + static_cast<std::size_t>(b.rank) * b.n, b.send,
+    nvshmemx_int32_put_signal_nbi_warp(slots + static_cast<std::size_t>(b.rank) * b.n, source,
                                        b.n, signals + b.rank, seq, NVSHMEM_SIGNAL_SET, peer);
   }
   // Step 4: one thread per peer; wait_until orders the later loads after the signal.
@@ -89,12 +97,12 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   // Step 5: fixed rank order; unsigned arithmetic so that even a wrapped sum is well defined
-  // and the same on every PE. Thread tid reads back the `send` entries it wrote itself.
+  // and the same on every PE. My own counts come from the caller's buffer.
   for (int e = tid; e < b.n; e += blockDim.x) {
     std::uint32_t total = 0;
     for (int q = 0; q < b.world; ++q) {
       const std::int32_t v =
-          q == b.rank ? b.send[e] : load_remote_written(slots + static_cast<std::size_t>(q) * b.n + e);
+          q == b.rank ? input[e] : load_remote_written(slots + static_cast<std::size_t>(q) * b.n + e);
       total += static_cast<std::uint32_t>(v);
     }
     output[e] = static_cast<std::int32_t>(total);
