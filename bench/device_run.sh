@@ -42,7 +42,8 @@ for step in "${steps[@]}"; do
       ;;
     make)
       make test 2>&1 | tee "$OUT/make_test.log" | tail -6 || status=1
-      make demo 2>&1 | tee "$OUT/make_demo.log" | tail -30 || status=1
+      make demo 2>&1 | tee "$OUT/make_demo.log" | tail -40 || status=1
+      cp "$(ls -td demo_out/*/ | head -1)report.json" "$OUT/demo_report.json" 2>/dev/null
       ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
