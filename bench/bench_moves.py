@@ -9,15 +9,22 @@ whose share of changed slots is nearest 20 % is timed). Reports
 * the synchronous move's time (slowest rank, median of repeats after warm-up) and GB/s per
   rank, against the GPU-to-GPU bandwidth measured in the same run (``batch_isend_irecv`` of
   the same bytes to the next rank, ring-wise) and a device-to-device copy (the commit's cost);
+  the same move with a gloo control group; and, with ``profile=True`` (device drained after
+  each phase), the time of each phase (check, stage, post, transfer, agree, commit) per rank;
 * a bf16 matmul loop (the model's compute) alone, with the async mover moving layers
-  continuously in the background, and with the same number of layers moved synchronously.
+  continuously in the background -- once per ``max_ctas`` of ``--ctas`` (the transfers' NCCL
+  CTAs), with the achieved transfer bandwidth and the host time of ``step()`` -- and with the
+  same number of layers moved synchronously. The loop waits for each forward on the compute
+  stream, as a serving loop waits for its output; the default configuration is also run with
+  a device-wide synchronisation per forward (the method of the first recorded runs, which
+  also waits for the background transfers).
 
 The JSON record (device, versions, command, numbers) goes to
 ``bench/results/moves_<n>gpu_<device>.json`` (written after each part, so a failure keeps
 what was measured). NVLink multicast stays off: NCCL_NVLS_ENABLE=0, NVSHMEM_DISABLE_NVLS=1 and
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are set here when unset (the record says which).
 
-    python bench/bench_moves.py [--gpus N]          # all visible GPUs by default (>= 2)
+    python bench/bench_moves.py [--gpus N] [--ctas none,1,2,4,8]   # all visible GPUs (>= 2)
     python bench/bench_moves.py --cpu --small       # smoke test: gloo, CPU, tiny experts
 """
 
@@ -43,6 +50,8 @@ import torch.multiprocessing as mp
 
 import eplb
 from eplb.fileio import atomic_write_text
+from eplb.move_async import DEFAULT_MAX_CTAS
+from eplb.move_exec import PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
 # NCCL reads these when a communicator is made: main() sets them before the workers start.
@@ -172,7 +181,21 @@ def compute_loop(size: int, device: torch.device, dtype: torch.dtype):
     return forward
 
 
-def bench_sync(ctx: dict) -> dict:
+def gathered(value: object) -> list:
+    """``value`` of every rank, in rank order (a collective)."""
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def stream_wait(device: torch.device) -> Callable[[], None]:
+    """Waits for the work queued on the current stream (not for other streams' work)."""
+    if device.type != "cuda":
+        return lambda: None
+    return lambda: torch.cuda.current_stream(device).synchronize()
+
+
+def bench_sync(ctx: dict, result: dict) -> dict:
     rank, world, device, clock = ctx["rank"], ctx["world"], ctx["device"], ctx["clock"]
     place, weights = ctx["place"], ctx["weights"]
     layer = place["sync_layer"]
@@ -184,6 +207,7 @@ def bench_sync(ctx: dict) -> dict:
     plan_seconds = time.perf_counter() - start
     plan, back = plans[layer], eplb.plan_moves(new, old, world)
     received = [len(r) * expert_bytes for r in plan.recvs]
+    sent = [len(s) * expert_bytes for s in plan.sends]
 
     def there_and_back() -> None:
         eplb.move_experts(w, old, new, plan=plan, timeout=120.0)
@@ -195,16 +219,25 @@ def bench_sync(ctx: dict) -> dict:
     eplb.move_experts(w, new, old, plan=back, timeout=120.0)
     correct_after_return = holds(w, old, rank)
 
-    samples = []
-    for i in range(ctx["warmup"] + ctx["repeats"]):
-        dist.barrier()
-        begin = clock.now()
-        stats = eplb.move_experts(w, old, new, plan=plan, timeout=120.0)
-        elapsed = slowest(clock.now() - begin, device)
-        eplb.move_experts(w, new, old, plan=back, timeout=120.0)
-        if i >= ctx["warmup"]:
-            samples.append(elapsed)
+    def samples_of(**options) -> tuple[list[float], list[dict]]:
+        """Slowest-rank seconds of the move there (and this rank's phases), after warm-up."""
+        samples, phases = [], []
+        for i in range(ctx["warmup"] + ctx["repeats"]):
+            dist.barrier()
+            begin = clock.now()
+            stats = eplb.move_experts(w, old, new, plan=plan, timeout=120.0, **options)
+            elapsed = slowest(clock.now() - begin, device)
+            eplb.move_experts(w, new, old, plan=back, timeout=120.0, **options)
+            if i >= ctx["warmup"]:
+                samples.append(elapsed)
+                phases.append(stats.phases)
+        return samples, phases
+
+    samples, _ = samples_of()
     move_s = statistics.median(samples)
+    gloo_samples, _ = samples_of(control_group=ctx["control"])
+    profiled_samples, profiled = samples_of(profile=True)
+    phase_medians = {k: statistics.median(p.get(k, 0.0) for p in profiled) for k in PHASES}
 
     ring_bytes = max(max(received), expert_bytes)
     ring_s = timed(p2p_ring(ring_bytes, device, rank, world), clock, device, 2, ctx["repeats"])
@@ -213,6 +246,8 @@ def bench_sync(ctx: dict) -> dict:
     copy_s = timed(lambda: dst.copy_(src), clock, device, 2, ctx["repeats"])
     p2p_gbps = ring_bytes / ring_s / 1e9
     ideal_s = max(received) / (p2p_gbps * 1e9)
+    # A rank that sends more than any rank receives needs longer than ideal_s at that rate.
+    ideal_either_s = max(max(received), max(sent)) / (p2p_gbps * 1e9)
     return {
         "layer": layer,
         "changed_slots": sum(int(o != n) for o, n in zip(old.tolist(), new.tolist(), strict=True)),
@@ -221,73 +256,156 @@ def bench_sync(ctx: dict) -> dict:
         "bytes_moved": plan.bytes(expert_bytes),
         "bytes_lower_bound": eplb.min_move_bytes(old, new, world, expert_bytes),
         "bytes_received_per_rank": received,
-        "bytes_sent_per_rank": [len(s) * expert_bytes for s in plan.sends],
+        "bytes_sent_per_rank": sent,
+        "messages_sent_per_rank": [len({d for d, _ in s}) for s in plan.sends],
+        "messages_received_per_rank": [len({r for r, _, _ in v}) for v in plan.recvs],
         "local_copies_per_rank": [len(c) for c in plan.copies],
-        "bytes_received_here": stats.bytes_received,
         "plan_seconds_all_layers": plan_seconds,
         "move_seconds_median": move_s,
         "move_seconds_samples": samples,
         "move_gbps_per_rank": max(received) / move_s / 1e9,
+        "move_seconds_gloo_control_median": statistics.median(gloo_samples),
+        "move_seconds_profiled_median": statistics.median(profiled_samples),
+        "phase_seconds_median_per_rank": gathered(phase_medians),
         "p2p_ring_bytes": ring_bytes,
         "p2p_ring_seconds": ring_s,
         "p2p_gbps_per_rank": p2p_gbps,
         "ideal_seconds": ideal_s,
         "move_vs_ideal": move_s / ideal_s if ideal_s > 0 else None,
+        "ideal_seconds_max_sent_or_received": ideal_either_s,
+        "move_vs_ideal_max_sent_or_received": move_s / ideal_either_s if ideal_either_s else None,
         "d2d_copy_seconds_same_bytes": copy_s,
         "correct_after_move": correct_after_move,
         "correct_after_return": correct_after_return,
     }
 
 
-def bench_async(ctx: dict) -> dict:
+class Shuttle:
+    """Keeps an ExpertMover busy: moves every layer to the other placement, then back, ...
+
+    ``state["at"]`` ("old" or "new") is where all layers are between moves; it is shared by
+    the movers of one run, which take turns on the same weights.
+    """
+
+    def __init__(self, mover: eplb.ExpertMover, place: dict, state: dict) -> None:
+        self.mover, self.place, self.state = mover, place, state
+        self.layers = 0  # layers committed by step() calls (the timed loop's count)
+        self.starts = 0
+        self.received = self.sent = 0  # this rank's bytes over every finished move
+        self.phases: dict[str, float] = {}
+        self.step_seconds = 0.0  # host time inside step()
+
+    def _target(self) -> str:
+        return "new" if self.state["at"] == "old" else "old"
+
+    def start(self) -> None:
+        self.mover.start(self.place[self.state["at"]], self.place[self._target()])
+        self.starts += 1
+
+    def _finished(self) -> None:
+        stats = self.mover.stats
+        self.received += stats.bytes_received
+        self.sent += stats.bytes_sent
+        for key, value in stats.phases.items():
+            self.phases[key] = self.phases.get(key, 0.0) + value
+        self.state["at"] = self._target()
+
+    def step(self, i: int = 0) -> None:
+        begin = time.perf_counter()
+        self.layers += len(self.mover.step())
+        if self.mover.done:
+            self._finished()
+            self.start()
+        self.step_seconds += time.perf_counter() - begin
+
+    def finish(self) -> None:
+        """Complete the move in progress (outside the timed loop)."""
+        while not self.mover.done:
+            self.mover.step()
+        self._finished()
+
+
+def bench_async(ctx: dict, result: dict) -> dict:
+    """The compute loop alone, with the async mover per max_ctas (the default first), and with
+    synchronous moves; ``result`` gets each configuration as soon as it is measured."""
     rank, device, clock = ctx["rank"], ctx["device"], ctx["clock"]
     place, weights = ctx["place"], ctx["weights"]
     forward = compute_loop(ctx["size"]["mm"], device, ctx["compute_dtype"])
     forwards = ctx["forwards"]
+    wait_stream = stream_wait(device)
     for _ in range(3):
         forward()
 
-    def loop(between: Callable[[int], None]) -> float:
+    def loop(between: Callable[[int], None], device_sync: bool = False) -> float:
         # Like a serving or training loop, the host waits for each forward (sampling, loss)
-        # before the next; step() / move_experts() run in that gap.
+        # before the next -- on the compute stream; step() / move_experts() run in that gap.
+        wait = clock.now if device_sync else wait_stream
+        clock.now()
         dist.barrier()
-        begin = clock.now()
+        begin = time.perf_counter()
         for i in range(forwards):
             forward()
-            clock.now()
+            wait()
             between(i)
-        return slowest(clock.now() - begin, device)
+        wait()
+        return slowest(time.perf_counter() - begin, device)
 
     base = [loop(lambda i: None) for _ in range(2)]
+    base_s = min(base)
+    state = {"at": "old"}
+    configs: list[dict] = []
+    result.update(compute_alone_seconds=base, default_max_ctas=DEFAULT_MAX_CTAS, configs=configs)
+    order = sorted(ctx["ctas"], key=lambda c: c != DEFAULT_MAX_CTAS)  # the default first
+    for max_ctas in order:
+        mover = eplb.ExpertMover(
+            weights,
+            ctx["group"],
+            max_layers_in_flight=1,
+            timeout=120.0,
+            control_group=ctx["control"],
+            max_ctas=max_ctas,
+            profile=True,
+        )
+        shuttle = Shuttle(mover, place, state)
+        shuttle.start()
+        async_s = loop(shuttle.step)
+        layers, step_seconds = shuttle.layers, shuttle.step_seconds
+        device_sync_s = None
+        if not configs:  # the headline configuration: also the first recorded runs' method
+            device_sync_s = loop(shuttle.step, device_sync=True)
+            device_sync_layers = shuttle.layers - layers
+        shuttle.finish()
+        correct = all(holds(w, place[state["at"]][i], rank) for i, w in enumerate(weights))
+        transfer = shuttle.phases.get("transfer_gpu", shuttle.phases.get("transfer", 0.0))
+        nbytes = max(shuttle.received, shuttle.sent)
+        bandwidth = nbytes / transfer / 1e9 if transfer > 0 else None
+        config = {
+            "max_ctas": max_ctas,
+            "transfer_config": mover.transfer_config,
+            "async_loop_seconds": async_s,
+            "async_slowdown": async_s / base_s - 1,
+            "layers_moved": layers,
+            "moves_started": shuttle.starts,
+            "async_added_seconds_per_layer": (async_s - base_s) / max(layers, 1),
+            # max(bytes sent, bytes received) / time from posting to completion (GPU events)
+            "transfer_gbps_per_rank": gathered(bandwidth),
+            "step_host_seconds_per_rank": gathered(step_seconds),
+            "mover_phase_seconds_per_rank": gathered(shuttle.phases),
+            "correct": correct,
+        }
+        if device_sync_s is not None:
+            config["async_device_sync_loop_seconds"] = device_sync_s
+            config["async_device_sync_slowdown"] = device_sync_s / base_s - 1
+            config["async_device_sync_layers_moved"] = device_sync_layers
+        configs.append(config)
 
-    mover = eplb.ExpertMover(weights, ctx["group"], max_layers_in_flight=1, timeout=120.0)
-    state = {"target": place["new"], "source": place["old"], "layers": 0, "starts": 0}
-    current = [place["old"][i] for i in range(LAYERS)]  # what each layer holds
-
-    def start() -> None:
-        mover.start(state["source"], state["target"])
-        state["starts"] += 1
-
-    def step(i: int) -> None:
-        for layer in mover.step():
-            current[layer] = state["target"][layer]
-            state["layers"] += 1
-        if mover.done:  # keep the mover busy: move back, and so on
-            state["source"], state["target"] = state["target"], state["source"]
-            start()
-
-    start()
-    async_s = loop(step)
-    while not mover.done:  # finish the last move so the weights can be checked
-        for layer in mover.step():
-            current[layer] = state["target"][layer]
-            state["layers"] += 1
-    correct = all(holds(weights[i], current[i], rank) for i in range(LAYERS))
-    moved = state["layers"]
+    default = configs[0]
+    moved = default["layers_moved"]
+    current = [place[state["at"]][i] for i in range(LAYERS)]  # what each layer holds
     sync_layers = [0]  # where each layer is now, for sync moves back and forth
 
     def sync_step(i: int) -> None:
-        # The same number of layer moves as the async loop made, spread over the forwards.
+        # The same number of layer moves as the default async run made, over the forwards.
         if (i * moved) // forwards != ((i + 1) * moved) // forwards:
             layer = sync_layers[0] % LAYERS
             o, n = place["old"][layer], place["new"][layer]
@@ -298,21 +416,29 @@ def bench_async(ctx: dict) -> dict:
 
     sync_s = loop(sync_step)
     correct_sync = all(holds(weights[i], current[i], rank) for i in range(LAYERS))
-    base_s = min(base)
+    # Leave every layer where state says, for any later part.
+    for layer in range(LAYERS):
+        target = place[state["at"]][layer]
+        if not torch.equal(current[layer], target):
+            eplb.move_experts(weights[layer], current[layer], target, timeout=120.0)
     return {
         "forwards": forwards,
         "matmuls_per_forward": MATMULS_PER_FORWARD,
         "matmul_size": ctx["size"]["mm"],
+        "forward_wait": "current stream (device-wide only where marked device_sync)",
+        "mover_options": {"max_layers_in_flight": 1, "profile": True},
         "compute_alone_seconds": base,
+        "default_max_ctas": DEFAULT_MAX_CTAS,
+        "configs": configs,
+        "headline_max_ctas": default["max_ctas"],
         "layers_moved": moved,
-        "moves_started": state["starts"],
-        "async_loop_seconds": async_s,
+        "async_loop_seconds": default["async_loop_seconds"],
         "sync_loop_seconds": sync_s,
-        "async_slowdown": async_s / base_s - 1,
+        "async_slowdown": default["async_slowdown"],
         "sync_slowdown": sync_s / base_s - 1,
-        "async_added_seconds_per_layer": (async_s - base_s) / max(moved, 1),
+        "async_added_seconds_per_layer": default["async_added_seconds_per_layer"],
         "sync_added_seconds_per_layer": (sync_s - base_s) / max(moved, 1),
-        "correct_async": correct,
+        "correct_async": all(c["correct"] for c in configs),
         "correct_sync": correct_sync,
     }
 
@@ -339,6 +465,7 @@ def versions(device: torch.device) -> dict:
             driver=driver,
             cuda=str(torch.version.cuda),
             nccl=".".join(map(str, torch.cuda.nccl.version())),
+            sms=torch.cuda.get_device_properties(device).multi_processor_count,
         )
     else:
         info["device"] = "cpu"
@@ -415,15 +542,18 @@ def worker(
             "repeats": args.repeats,
             "forwards": args.forwards,
             "group": None,
+            "control": dist.new_group(backend="gloo"),  # CPU group of every rank (collective)
+            "ctas": args.ctas,
             "compute_dtype": torch.float32 if args.cpu else torch.bfloat16,
         }
         for name, part in (("sync", bench_sync), ("async", bench_async)):
             begin = time.perf_counter()
+            result = record[name] = {}
             try:
-                record[name] = part(ctx)
-            except Exception:  # keep what the other part measured
-                record[name] = {"error": traceback.format_exc()}
-                print(f"rank {rank}: {record[name]['error']}", flush=True)
+                result.update(part(ctx, result))
+            except Exception:  # keep what this part and the other part measured
+                result["error"] = traceback.format_exc()
+                print(f"rank {rank}: {result['error']}", flush=True)
             save()
             if rank == 0:
                 print(f"{name} part: {time.perf_counter() - begin:.1f} s", flush=True)
@@ -444,17 +574,49 @@ def summary(record: dict) -> str:
             f"{s['move_vs_ideal']:.2f}x the ideal {s['ideal_seconds'] * 1e3:.2f} ms "
             f"(target {TARGETS['move_vs_ideal']}x)"
         )
+    if "phase_seconds_median_per_rank" in s:
+        slowest_rank = max(s["phase_seconds_median_per_rank"], key=lambda p: sum(p.values()))
+        lines.append(
+            f"  profiled {s['move_seconds_profiled_median'] * 1e3:.2f} ms, slowest rank: "
+            + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in slowest_rank.items())
+            + f" ms; gloo control {s['move_seconds_gloo_control_median'] * 1e3:.2f} ms; "
+            f"{s['move_vs_ideal_max_sent_or_received']:.2f}x max(sent, received) / P2P"
+        )
     a = record.get("async", {})
     if "async_slowdown" in a:
         lines.append(
             f"compute loop with {a['layers_moved']} layers moved: async +"
-            f"{a['async_slowdown']:.1%} (target < {TARGETS['async_slowdown']:.0%}), "
-            f"sync +{a['sync_slowdown']:.1%}"
+            f"{a['async_slowdown']:.1%} (max_ctas {a['headline_max_ctas']}; target < "
+            f"{TARGETS['async_slowdown']:.0%}), sync +{a['sync_slowdown']:.1%}"
         )
+    if a.get("configs"):
+        for c in a["configs"]:
+            gbps = [f"{g:.0f}" if g is not None else "-" for g in c["transfer_gbps_per_rank"]]
+            lines.append(
+                f"  max_ctas {c['max_ctas']}: +{c['async_slowdown']:.1%}, {c['layers_moved']} "
+                f"layers, {c['async_added_seconds_per_layer'] * 1e3:.2f} ms/layer, transfers "
+                f"{'/'.join(gbps)} GB/s per rank"
+                + (
+                    f"; device-wide sync per forward +{c['async_device_sync_slowdown']:.1%}"
+                    if "async_device_sync_slowdown" in c
+                    else ""
+                )
+            )
     for part in ("sync", "async"):
         if "error" in record.get(part, {}):
             lines.append(f"{part}: FAILED (see the JSON)")
     return "\n".join(lines)
+
+
+def ctas_list(text: str) -> list[int | None]:
+    """'none,1,4' -> [None, 1, 4] (argparse type)."""
+    try:
+        out = [None if v.strip().lower() == "none" else int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of ints or 'none': {text!r}") from None
+    if not out or any(v is not None and not 1 <= v <= 64 for v in out):
+        raise argparse.ArgumentTypeError(f"max_ctas values must be 1..64 or 'none': {text!r}")
+    return out
 
 
 def main() -> None:
@@ -467,6 +629,12 @@ def main() -> None:
     parser.add_argument("--forwards", type=int, default=60, help="forwards per compute loop")
     parser.add_argument("--timeout", type=float, default=300.0, help="kill the run after this")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--ctas",
+        type=ctas_list,
+        default=ctas_list("none,1,2,4,8"),
+        help="async mover max_ctas values to run, comma-separated ('none': the group's own)",
+    )
     args = parser.parse_args()
     env_set = sorted(k for k in NVLS_OFF if k not in os.environ)
     os.environ.update({k: NVLS_OFF[k] for k in env_set})

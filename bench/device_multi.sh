@@ -24,15 +24,14 @@ for step in "${steps[@]}"; do
       bash bench/exchange_run.sh build || exit 1
       ;;
     test)
-      timeout 420 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_exchange.py \
-        tests/test_gpu_moves.py tests/test_example_moe_layer.py -m gpu 2>&1 \
+      timeout 480 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests 2>&1 \
         | tee "$OUT/pytest_multi.log" | tail -30
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     bench)
       for n in 2 "$gpus"; do
-        timeout 200 python3 bench/bench_moves.py --gpus "$n" --out "$OUT/moves_${n}gpu_h100.json" \
-          2>&1 | tee "$OUT/bench_moves_${n}gpu.log" | tail -25
+        timeout 290 python3 bench/bench_moves.py --gpus "$n" --out "$OUT/moves_${n}gpu_h100.json" \
+          2>&1 | tee "$OUT/bench_moves_${n}gpu.log" | tail -40
         [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
         timeout 150 python3 bench/bench_exchange.py --gpus "$n" \
           --out "$OUT/exchange_${n}gpu_h100.json" 2>&1 | tee "$OUT/bench_exchange_${n}gpu.log" \

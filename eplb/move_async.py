@@ -6,6 +6,9 @@ CUDA stream on GPUs); the forward keeps using the old weights and the old routin
 on each rank (a small collective on a CPU group), commits on every rank the same layers (those
 ready everywhere, in layer order) and returns their ids, so the caller switches those layers'
 routing at the same time. At most ``max_layers_in_flight`` layers hold staging memory.
+
+On NCCL the transfers run on a communicator of their own, limited to ``max_ctas`` thread blocks
+(CTAs, one SM each), so that they take few SMs from the model's kernels.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from eplb.checks import positive_int, process_group
+from eplb.checks import positive_int
 from eplb.move_exec import (
     Comm,
     ExpertMoveError,
@@ -28,13 +31,20 @@ from eplb.move_exec import (
     check_together,
     checked_weights,
     comm_of,
+    control_comm,
     exchange,
+    flag,
     placement_fingerprint,
     timeout_seconds,
+    weights_layout,
 )
 from eplb.move_plan import checked_placements, plan_moves
 
 __all__ = ["ExpertMover"]
+
+# NCCL runs at most this many CTAs (channels) per communicator (its MAXCHANNELS).
+MAX_CTAS = 64
+DEFAULT_MAX_CTAS = 4
 
 
 class _InFlight:
@@ -46,6 +56,11 @@ class _InFlight:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.finished = False  # set by the waiter thread (CPU backends)
+        self.posted_at = 0.0  # host time (perf_counter) when the transfers were posted
+        self.done_at: float | None = None  # host time the waiter thread saw them complete
+        # profile=True on CUDA: events (side stream) before staging, after posting, and after
+        # the transfers completed (the side stream waits for them).
+        self.timing: tuple[torch.cuda.Event, ...] = ()
 
     @property
     def layer(self) -> int:
@@ -58,6 +73,7 @@ class _InFlight:
         def run() -> None:
             try:
                 self.move.wait(self.deadline)
+                self.done_at = time.perf_counter()
             except Exception as err:  # reported through step()'s exchange
                 self.error = err
             self.finished = True
@@ -74,6 +90,7 @@ class _InFlight:
                 done = self.finished
             else:
                 done = (self.event is None or self.event.query()) and self.move.transfers_done()
+                done = done and all(e.query() for e in self.timing)
         except Exception as err:
             self.error = err
             return -1
@@ -83,6 +100,23 @@ class _InFlight:
             self.error = TimeoutError("transfers did not complete within the timeout")
             return -1
         return 0
+
+
+def _nccl_options(max_ctas: int) -> tuple[object | None, str]:
+    """``ProcessGroupNCCL.Options`` limiting a communicator to ``max_ctas`` CTAs, or (None, why)
+    when this torch build cannot set it."""
+    nccl = getattr(dist, "ProcessGroupNCCL", None)
+    options = getattr(nccl, "Options", None)
+    if options is None:
+        return None, "this torch build has no ProcessGroupNCCL.Options"
+    opts = options(is_high_priority_stream=False)
+    config = getattr(opts, "config", None)
+    if config is None or not hasattr(config, "max_ctas") or not hasattr(config, "min_ctas"):
+        return None, "this torch build cannot configure NCCL CTAs (NCCL < 2.17)"
+    config.min_ctas = 1
+    config.max_ctas = max_ctas
+    opts.config = config  # in case the attribute handed out a copy
+    return opts, ""
 
 
 class ExpertMover:
@@ -101,6 +135,14 @@ class ExpertMover:
         control_group: a CPU (gloo) group with the same ranks for the per-step exchange. By
             default ``group`` itself when it has a CPU backend, else a gloo group made here
             (then the constructor is a collective over ``group``'s ranks).
+        max_ctas: NCCL groups only: the transfers run on an NCCL communicator made here over
+            the same ranks with at most ``max_ctas`` CTAs (1..64; NCCL rounds to a power of
+            two), so that they occupy at most that many SMs while the model computes; fewer
+            CTAs take fewer SMs but move bytes more slowly. None: transfer on ``group`` itself
+            (NCCL picks the CTAs). Ignored on CPU groups; see :attr:`transfer_config`.
+        profile: record the GPU time of each layer's staging and transfers with CUDA events
+            in ``stats.phases`` (for benchmarks: the side stream then waits for the transfers,
+            so after a failed transfer it stays blocked).
     """
 
     def __init__(
@@ -111,6 +153,8 @@ class ExpertMover:
         *,
         timeout: float | datetime.timedelta = 60.0,
         control_group: object = None,
+        max_ctas: int | None = DEFAULT_MAX_CTAS,
+        profile: bool = False,
     ) -> None:
         if isinstance(weights_per_layer, torch.Tensor) or not isinstance(
             weights_per_layer, Sequence
@@ -124,8 +168,12 @@ class ExpertMover:
         self._weights = [
             checked_weights(f"weights_per_layer[{i}]", w) for i, w in enumerate(weights_per_layer)
         ]
+        self._layout = "|".join(weights_layout(w) for w in self._weights)
         self._max = positive_int("max_layers_in_flight", max_layers_in_flight)
         self._timeout = timeout_seconds(timeout)
+        if max_ctas is not None:
+            max_ctas = positive_int("max_ctas", max_ctas, maximum=MAX_CTAS)
+        self._profile = flag("profile", profile)
         devices = {w[0].device for w in self._weights}
         if len(devices) != 1:
             raise ValueError(
@@ -134,42 +182,61 @@ class ExpertMover:
         self._device = devices.pop()
         self._comm = comm_of(group, self._device)
         self._control = self._control_comm(group, control_group)
+        self._transfer_config: dict = {"max_ctas": None, "group": "group"}
         if self._comm.flag_device.type == "cuda":
+            self._comm = self._transfer_comm(max_ctas)
             # NCCL makes its communicator at the first collective, which every rank must join;
             # a layer's transfers may leave a rank out, so make it now (this call is collective).
             exchange(self._comm, [0], self._timeout)
-        self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        elif max_ctas is not None:
+            self._transfer_config["note"] = "max_ctas applies to NCCL groups only"
+        # Priority 0 is CUDA's lowest: kernels of higher-priority streams are scheduled first.
+        self._stream = (
+            torch.cuda.Stream(self._device, priority=0) if self._device.type == "cuda" else None
+        )
         self._plans: list = []
         self._todo: deque[int] = deque()
         self._inflight: deque[_InFlight] = deque()
         self._committed: list[int] = []
         self._totals = [0, 0, 0]
+        self._phases: dict[str, float] = {}
         self._started = 0.0
         self._seconds = 0.0
+
+    def _new_group(self, backend: str, pg_options: object = None) -> object:
+        """A new group over the ranks of ``group`` (collective over them)."""
+        comm = self._comm
+        whole = comm.size == dist.get_world_size()
+        kwargs = {} if pg_options is None else {"pg_options": pg_options}
+        return dist.new_group(
+            ranks=list(comm.global_ranks),
+            backend=backend,
+            timeout=datetime.timedelta(seconds=max(self._timeout, 1.0)),
+            use_local_synchronization=not whole,
+            **kwargs,
+        )
 
     def _control_comm(self, group: object, control_group: object) -> Comm:
         """The comm of the per-step exchange: a CPU group with the same ranks, so that it is
         never queued behind the transfers (as a collective of the transfers' NCCL group is)."""
-        comm = self._comm
         if control_group is not None:
-            process_group("control_group", control_group)
-            control = comm_of(control_group)
-            if control.global_ranks != comm.global_ranks or control.flag_device.type != "cpu":
-                raise ValueError(
-                    "control_group must be a CPU (gloo) group with the same ranks as group"
-                )
-            return control
+            return control_comm(self._comm, control_group)
         on_cpu = comm_of(group)  # the group's own CPU backend, if it has one
         if on_cpu.group is None or on_cpu.flag_device.type == "cpu":
             return on_cpu
-        whole = comm.size == dist.get_world_size()
-        made = dist.new_group(
-            ranks=list(comm.global_ranks),
-            backend="gloo",
-            timeout=datetime.timedelta(seconds=max(self._timeout, 1.0)),
-            use_local_synchronization=not whole,
-        )
-        return comm_of(made)
+        return comm_of(self._new_group("gloo"))
+
+    def _transfer_comm(self, max_ctas: int | None) -> Comm:
+        """The comm of the transfers: an NCCL group limited to ``max_ctas`` CTAs, or the
+        group itself (``max_ctas`` None, or a torch build that cannot limit CTAs)."""
+        if max_ctas is None:
+            return self._comm
+        opts, why = _nccl_options(max_ctas)
+        if opts is None:
+            self._transfer_config["note"] = why
+            return self._comm
+        self._transfer_config = {"max_ctas": max_ctas, "group": "own NCCL group"}
+        return comm_of(self._new_group("nccl", opts), self._device)
 
     # ----------------------------------------------------------------------------- state
     @property
@@ -193,10 +260,29 @@ class ExpertMover:
         return tuple(self._committed)
 
     @property
+    def transfer_config(self) -> dict:
+        """How the transfers run: ``{"max_ctas": int or None, "group": "own NCCL group" or
+        "group"}``, plus ``"note"`` when a requested ``max_ctas`` was not applied and why."""
+        return dict(self._transfer_config)
+
+    @property
     def stats(self) -> MoveStats:
-        """This rank's totals over the layers committed since the last ``start``."""
+        """This rank's totals over the layers committed since the last ``start``.
+
+        ``phases`` (seconds, summed over layers and steps): host time in "exchange" (the
+        per-step agreement), "launch" (staging, packing and posting) and "commit"; "transfer"
+        from posting to completion as the waiter thread saw it (CPU backends); with
+        ``profile=True`` on CUDA the GPU time of "stage_gpu" (staging and packing copies) and
+        "transfer_gpu" (posting to completion, peers' delays included). The transfer phases
+        count only layers in which this rank sent or received.
+        """
         sent, received, copied = self._totals
-        return MoveStats(sent, received, copied, self._seconds, tuple(self._committed))
+        return MoveStats(
+            sent, received, copied, self._seconds, tuple(self._committed), dict(self._phases)
+        )
+
+    def _add(self, phase: str, seconds: float) -> None:
+        self._phases[phase] = self._phases.get(phase, 0.0) + seconds
 
     # ----------------------------------------------------------------------------- control
     def start(self, old_phy2log: torch.Tensor, new_phy2log: torch.Tensor) -> None:
@@ -211,7 +297,7 @@ class ExpertMover:
             TypeError, ValueError: bad placements on this rank (the others raise
                 ``ExpertMoveError``); nothing is posted.
             ExpertMoveError: another rank rejected its arguments, or the ranks passed
-                different placements, or the exchange failed.
+                different placements or weight layouts, or the exchange failed.
         """
         if not self.done:
             raise RuntimeError("a move is in progress: call step() until done, or abort()")
@@ -230,18 +316,43 @@ class ExpertMover:
                         f"layer {plan.layer}: the placements give {plan.slots_per_rank} slots "
                         f"per rank but the weights hold {w[0].shape[0]}"
                     )
-            fingerprint = placement_fingerprint(old, new)
+            fingerprint = placement_fingerprint(old, new, self._layout)
         except (TypeError, ValueError) as err:
             bad = err
         check_together(self._control, bad, fingerprint, self._timeout)
         self._plans = plans
         self._todo = deque(range(len(plans)))
-        self._committed, self._totals, self._seconds = [], [0, 0, 0], 0.0
+        self._committed, self._totals, self._seconds, self._phases = [], [0, 0, 0], 0.0, {}
         self._started = time.perf_counter()
         if self._stream is not None:
             # Transfers read the weights as they are now, after the work already queued.
             self._stream.wait_stream(torch.cuda.current_stream(self._device))
         self._fill()
+
+    def _launch(self, flight: _InFlight) -> None:
+        """Stage and post one layer (on the side stream on CUDA)."""
+        move = flight.move
+        if self._stream is None:
+            move.launch()
+            flight.posted_at = time.perf_counter()
+            flight.wait_in_thread()
+            return
+        with torch.cuda.stream(self._stream):
+            timing = [torch.cuda.Event(enable_timing=True) for _ in range(3 * self._profile)]
+            if timing:
+                timing[0].record(self._stream)
+            move.stage()
+            if timing:
+                timing[1].record(self._stream)
+            move.post()
+            flight.posted_at = time.perf_counter()
+            flight.event = torch.cuda.Event()
+            flight.event.record(self._stream)
+            if timing:
+                for work in move.works:
+                    work.wait()  # the side stream waits for the transfers (profiling only)
+                timing[2].record(self._stream)
+                flight.timing = tuple(timing)
 
     def _fill(self) -> None:
         """Launch layers while fewer than ``max_layers_in_flight`` staged layers are in flight.
@@ -249,26 +360,21 @@ class ExpertMover:
         Every rank launches the same layers at the same call (the plans are the same), so the
         transfers of a layer are posted on every rank in the same order.
         """
+        begin = time.perf_counter()
         while self._todo:
             plan = self._plans[self._todo[0]]
             staged = sum(not f.move.plan.is_noop for f in self._inflight)
             if not plan.is_noop and staged >= self._max:
-                return
+                break
             self._todo.popleft()
             move = LayerMove(plan, self._weights[plan.layer], self._comm)
             flight = _InFlight(move, time.monotonic() + self._timeout)
             self._inflight.append(flight)
             try:
-                if self._stream is None:
-                    move.launch()
-                    flight.wait_in_thread()
-                else:
-                    with torch.cuda.stream(self._stream):
-                        move.launch()
-                        flight.event = torch.cuda.Event()
-                        flight.event.record(self._stream)
+                self._launch(flight)
             except Exception as err:  # reported through step()'s exchange
                 flight.error = err
+        self._add("launch", time.perf_counter() - begin)
 
     def step(self) -> list[int]:
         """Commit the layers whose transfers completed on every rank; return their ids.
@@ -294,11 +400,13 @@ class ExpertMover:
             if state == 0:
                 break
             ready += 1
+        begin = time.perf_counter()
         try:
             table = exchange(self._control, [ready], self._timeout)
         except ExpertMoveError:
             self._fail()
             raise
+        self._add("exchange", time.perf_counter() - begin)
         counts = table[:, 0]
         if (counts < 0).any():
             layer = self._inflight[0].layer
@@ -311,10 +419,12 @@ class ExpertMover:
                 + f"; layers {self._committed} were committed, the others keep their old weights"
             ) from local
         committed = []
+        begin = time.perf_counter()
         for _ in range(int(counts.min())):
             flight = self._inflight.popleft()
             self._commit(flight)
             committed.append(flight.layer)
+        self._add("commit", time.perf_counter() - begin)
         self._fill()
         return committed
 
@@ -324,11 +434,17 @@ class ExpertMover:
             current = torch.cuda.current_stream(self._device)
             current.wait_event(flight.event)  # the staged copies (already complete)
             move.commit()
-            for buf in move.staging:
-                buf.record_stream(current)  # freed only after the commit copies ran
+            if move.staging is not None:
+                move.staging.record_stream(current)  # freed only after the commit copies ran
+            if flight.timing and move.works:  # all three completed (state() waited for them)
+                start, posted, end = flight.timing
+                self._add("stage_gpu", start.elapsed_time(posted) / 1e3)
+                self._add("transfer_gpu", posted.elapsed_time(end) / 1e3)
         else:
             move.commit()
-        move.staging = []
+            if flight.done_at is not None and move.works:
+                self._add("transfer", flight.done_at - flight.posted_at)
+        move.release()
         self._committed.append(flight.layer)
         for i, value in enumerate(move.stats):
             self._totals[i] += value

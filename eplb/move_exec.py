@@ -3,18 +3,19 @@
 One layer moves in four phases on every rank of the group:
 
 1. *check*: every rank validates its arguments and the ranks exchange (ok, fingerprint of the
-   placements) -- a rank with bad arguments raises ``ValueError``/``TypeError``, the others
-   :class:`ExpertMoveError`, before anything is sent;
-2. *transfer*: ``batch_isend_irecv`` sends the old content of slots to the ranks that lack the
-   expert; receives land in staging buffers, never in live weights; local copies whose source
-   slot is itself overwritten are staged too;
+   placements and of the weights' layout) -- a rank with bad arguments raises
+   ``ValueError``/``TypeError``, the others :class:`ExpertMoveError`, before anything is sent;
+2. *transfer*: each rank packs, per receiving peer, the rows it sends into one contiguous byte
+   buffer and one ``batch_isend_irecv`` moves one message per (peer, direction); receives land
+   in a staging buffer, never in live weights; local copies whose source slot is itself
+   overwritten are staged too;
 3. *agree*: the ranks exchange whether their transfers completed (bounded by ``timeout``);
 4. *commit*: only if every rank succeeded, staging and local copies are written into the live
    weights. Every read of the commit comes from staging or from a slot the move does not
    write, so the order of the writes does not matter (swaps and cycles are safe).
 
 On any failure every rank that is still alive raises :class:`ExpertMoveError` and its live
-weights are untouched. See docs/moves.md for the guarantees and their limits.
+weights are untouched. See docs/moves.md for the guarantees, the wire format and their limits.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,13 @@ _FAULT_HOOK: Callable[[str, dict], None] | None = None
 # process, so that a late message can never land in memory that was freed and reused.
 _ABANDONED: list[object] = []
 
+# Polling a CUDA transfer: spin (yielding the GIL) for the first _SPIN_S seconds, since a sync
+# move waits for milliseconds and a sleep overshoots by ~0.1 ms; then sleep _POLL_S per poll.
+_SPIN_S = 0.05
 _POLL_S = 5e-5
+
+# Phases of move_experts, in order (MoveStats.phases keys).
+PHASES = ("check", "stage", "post", "transfer", "agree", "commit")
 
 
 class ExpertMoveError(RuntimeError):
@@ -64,6 +71,11 @@ class MoveStats:
         seconds: host wall time from the call (or ``start()``) to the last commit being issued;
             on a GPU the commit copies are queued on the current stream, not waited for.
         layers: the layers moved (committed).
+        phases: seconds per phase. ``move_experts``: "check", "stage" (staging buffers, packing
+            the rows to send), "post" (posting the transfers), "transfer" (waiting for them),
+            "agree", "commit" -- host wall time; with ``profile=True`` the device is drained at
+            the end of each phase, so GPU work is counted in the phase that queued it. For
+            ``ExpertMover`` see its ``profile`` argument. Not part of equality.
     """
 
     bytes_sent: int
@@ -71,6 +83,7 @@ class MoveStats:
     bytes_copied: int
     seconds: float
     layers: tuple[int, ...]
+    phases: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,21 @@ def comm_of(group: object, device: torch.device | None = None) -> Comm:
     return Comm(pg, rank, dist.get_world_size(pg), ranks, flag_device)
 
 
+def control_comm(comm: Comm, control_group: object) -> Comm:
+    """The comm of the small exchanges (argument check, agreement): ``comm`` itself, or
+    ``control_group``, which must be a CPU (gloo) group with the same ranks.
+
+    On a CPU group the exchanges need no GPU kernel and no device synchronisation.
+    """
+    if control_group is None:
+        return comm
+    process_group("control_group", control_group)
+    control = comm_of(control_group)
+    if control.global_ranks != comm.global_ranks or control.flag_device.type != "cpu":
+        raise ValueError("control_group must be a CPU (gloo) group with the same ranks as group")
+    return control
+
+
 def timeout_seconds(timeout: object) -> float:
     """``timeout`` (seconds as int/float, or a ``datetime.timedelta``) as positive seconds."""
     if isinstance(timeout, datetime.timedelta):
@@ -125,6 +153,13 @@ def timeout_seconds(timeout: object) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     return seconds
+
+
+def flag(name: str, value: object) -> bool:
+    """``value`` if it is a ``bool``, else ``TypeError`` naming it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def checked_weights(name: str, weights: object) -> list[torch.Tensor]:
@@ -149,10 +184,17 @@ def checked_weights(name: str, weights: object) -> list[torch.Tensor]:
     return out
 
 
-def placement_fingerprint(old: torch.Tensor, new: torch.Tensor) -> int:
-    """A CRC of two int64 placements: ranks compare it to catch differing arguments."""
+def weights_layout(weights: Sequence[torch.Tensor]) -> str:
+    """The dtype and per-slot shape of each weight tensor, as text (part of the fingerprint:
+    the ranks' messages have matching sizes only if their layouts match)."""
+    return ";".join(f"{w.dtype}{tuple(w.shape[1:])}" for w in weights)
+
+
+def placement_fingerprint(old: torch.Tensor, new: torch.Tensor, layout: str = "") -> int:
+    """A CRC of two int64 placements and a weights' layout: ranks compare it to catch
+    differing arguments."""
     data = torch.cat([old.reshape(-1), new.reshape(-1)]).to(torch.int64).numpy().tobytes()
-    return zlib.crc32(data)
+    return zlib.crc32(layout.encode(), zlib.crc32(data))
 
 
 def _wait_works(works: Sequence[object], deadline: float, polls: bool) -> None:
@@ -164,13 +206,15 @@ def _wait_works(works: Sequence[object], deadline: float, polls: bool) -> None:
     failed, or its connection closed by the timeout -- before its buffers are freed.
     """
     failure: Exception | None = None
+    spin_until = time.monotonic() + _SPIN_S
     for work in works:
         try:
             if polls:
                 while not work.is_completed():
-                    if time.monotonic() > deadline:
+                    now = time.monotonic()
+                    if now > deadline:
                         raise TimeoutError("transfers did not complete within the timeout")
-                    time.sleep(_POLL_S)
+                    time.sleep(0.0 if now < spin_until else _POLL_S)
                 work.wait()  # orders the current stream after it; it has completed already
             else:
                 left = max(deadline - time.monotonic(), 1e-3)
@@ -187,13 +231,17 @@ def _wait_works(works: Sequence[object], deadline: float, polls: bool) -> None:
 def exchange(comm: Comm, row: Sequence[int], timeout: float) -> torch.Tensor:
     """Every rank's ``row`` (ints): a CPU int64 ``[size, len(row)]`` table, same on all ranks.
 
+    One all-reduce of a tiny table (on a CUDA group: one host-to-device copy, one kernel and
+    one device-to-host copy; on a CPU group no device work at all).
+
     Raises:
         ExpertMoveError: the collective failed or did not complete within ``timeout`` seconds.
     """
-    table = torch.zeros(comm.size, len(row), dtype=torch.int64, device=comm.flag_device)
+    table = torch.zeros(comm.size, len(row), dtype=torch.int64)
     table[comm.rank] = torch.tensor(list(row), dtype=torch.int64)
     if comm.group is None:
-        return table.cpu()
+        return table
+    table = table.to(comm.flag_device)
     try:
         work = dist.all_reduce(table, group=comm.group, async_op=True)
         _wait_works([work], time.monotonic() + timeout, comm.polls)
@@ -206,10 +254,11 @@ def exchange(comm: Comm, row: Sequence[int], timeout: float) -> torch.Tensor:
 
 
 def check_together(comm: Comm, bad: BaseException | None, fingerprint: int, timeout: float) -> None:
-    """Before anything is sent: did every rank accept its arguments, with the same placements?
+    """Before anything is sent: did every rank accept its arguments, with the same placements
+    and weight layouts?
 
     Raises ``bad`` (this rank's argument error) here, :class:`ExpertMoveError` on the other
-    ranks, or :class:`ExpertMoveError` everywhere when the placements' fingerprints differ.
+    ranks, or :class:`ExpertMoveError` everywhere when the fingerprints differ.
     """
     try:
         table = exchange(comm, [0, 0] if bad is not None else [1, fingerprint], timeout)
@@ -223,21 +272,77 @@ def check_together(comm: Comm, bad: BaseException | None, fingerprint: int, time
     if refused:
         raise ExpertMoveError(f"rank(s) {refused} rejected their arguments; nothing was moved")
     if (table[:, 1] != table[0, 1]).any():
-        raise ExpertMoveError("the ranks passed different placements; nothing was moved")
+        raise ExpertMoveError(
+            "the ranks passed different placements or weight layouts (dtype and per-slot "
+            "shape of each weight tensor); nothing was moved"
+        )
+
+
+def byte_rows(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each weight tensor ``[S, ...]`` as a uint8 view ``[S, bytes per slot]`` of its memory.
+
+    Writing into a row writes the live weight; weights of any dtype travel as bytes.
+    """
+    slots = weights[0].shape[0]
+    return [w.view(slots, w[0].numel()).view(torch.uint8) for w in weights]
+
+
+class PhaseTimer:
+    """Host wall time per phase; with a CUDA ``drain`` device, the device is synchronised at
+    the end of each phase so that its GPU work is counted in it (profiling only)."""
+
+    def __init__(self, drain: torch.device | None, start: float | None = None) -> None:
+        self.drain = drain if drain is not None and drain.type == "cuda" else None
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter() if start is None else start
+
+    def lap(self, name: str) -> None:
+        if self.drain is not None:
+            torch.cuda.synchronize(self.drain)
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 class LayerMove:
-    """One layer's move on one rank: staging buffers, transfers, commit.
+    """One layer's move on one rank: packing, staging, transfers, commit.
 
-    Staging rows: first one per receive (``plan.recvs[rank]`` order), then one per local copy
+    Wire format: one message per (sender, receiver) pair and layer, tagged with the layer: the
+    rows the sender sends to that receiver, in the receiver's ``recvs`` order, each row the
+    bytes of every weight kind of one expert back to back (kind 0 first). Staging is one uint8
+    ``[rows, expert_bytes]`` buffer: first the received rows grouped by source rank (ascending;
+    each source's rows contiguous, so one receive fills them), then one row per local copy
     source that the move overwrites (its old content must survive until the commit).
     """
 
     def __init__(self, plan: MovePlan, weights: list[torch.Tensor], comm: Comm) -> None:
         self.plan, self.weights, self.comm = plan, weights, comm
+        self.rows = byte_rows(weights)
+        self.spans = []  # (offset, size) of each weight kind within a row
+        offset = 0
+        for r in self.rows:
+            self.spans.append((offset, r.shape[1]))
+            offset += r.shape[1]
+        self.expert_bytes = offset
         rank, base = comm.rank, comm.rank * plan.slots_per_rank
         recvs, copies = plan.recvs[rank], plan.copies[rank]
-        recv_row = {dst: i for i, (_, _, dst) in enumerate(recvs)}
+        # Receives grouped by source rank, in plan order within a source (= the sender's order).
+        order = sorted(range(len(recvs)), key=lambda i: (recvs[i][0], i))
+        recv_row = {recvs[i][2]: row for row, i in enumerate(order)}  # dst slot -> staging row
+        self.recv_from: list[tuple[int, int, int]] = []  # (src_rank, first row, rows)
+        for row, i in enumerate(order):
+            src = recvs[i][0]
+            if self.recv_from and self.recv_from[-1][0] == src:
+                self.recv_from[-1] = (src, self.recv_from[-1][1], self.recv_from[-1][2] + 1)
+            else:
+                self.recv_from.append((src, row, 1))
+        # plan.sends is sorted by receiver, in the receiver's recvs order within a pair.
+        self.send_to: list[tuple[int, list[int]]] = []  # (dst_rank, source slots)
+        for dst, slot in plan.sends[rank]:
+            if self.send_to and self.send_to[-1][0] == dst:
+                self.send_to[-1][1].append(slot)
+            else:
+                self.send_to.append((dst, [slot]))
         written = set(recv_row) | {dst for _, dst in copies}
         # A copy reads the old content of its source when the source held the expert before
         # (MovePlan.copies); if the move overwrites that source, the old content is staged.
@@ -245,57 +350,78 @@ class LayerMove:
         staged = sorted({src for src, _ in old if src in written})
         stage_row = {s: len(recvs) + i for i, s in enumerate(staged)}
         self.prestage = list(stage_row.items())
-        self.rows = len(recvs) + len(staged)
+        self.num_rows = len(recvs) + len(staged)
         # (dst_slot, staging row or None, live source slot): every read is a staging row or a
         # slot that no write touches, so the writes may run in any order.
-        self.writes = [(dst, i, None) for i, (_, _, dst) in enumerate(recvs)]
+        self.writes = [(dst, recv_row[dst], None) for _, _, dst in recvs]
         for src, dst in copies:
             row = stage_row.get(src) if (src, dst) in old else recv_row[src]
             self.writes.append((dst, row, src))
-        expert_bytes = sum(w[0].numel() * w.element_size() for w in weights)
         self.stats = (
-            len(plan.sends[rank]) * expert_bytes,
-            len(recvs) * expert_bytes,
-            len(copies) * expert_bytes,
+            len(plan.sends[rank]) * self.expert_bytes,
+            len(recvs) * self.expert_bytes,
+            len(copies) * self.expert_bytes,
         )
-        self.staging: list[torch.Tensor] = []
+        self.staging: torch.Tensor | None = None
+        self.packs: list[tuple[int, torch.Tensor]] = []
         self.works: list[object] = []
 
-    def _tag(self, pair_index: int, kind: int) -> int:
-        """Message tag, unique per (layer, message of a rank pair, weight kind) below 2**31."""
-        tag = (self.plan.layer * self.plan.slots_per_rank + pair_index) * len(self.weights) + kind
-        return tag % (2**31)
+    @property
+    def num_messages(self) -> tuple[int, int]:
+        """(messages sent, messages received) by this rank: one per peer and direction."""
+        if not self.expert_bytes:
+            return 0, 0
+        return len(self.send_to), len(self.recv_from)
+
+    def _pack(self, out: torch.Tensor, slot: int) -> None:
+        """Copy the bytes of every weight kind of local ``slot`` into the uint8 row ``out``."""
+        for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
+            if size:
+                out[offset : offset + size].copy_(rows[slot])
+
+    def stage(self) -> None:
+        """Allocate staging and send buffers (on the current stream), stage overwritten copy
+        sources and pack the rows to send (device-to-device copies, queued)."""
+        device = self.rows[0].device
+        if self.num_rows:
+            self.staging = torch.empty(
+                (self.num_rows, self.expert_bytes), dtype=torch.uint8, device=device
+            )
+            for slot, row in self.prestage:
+                self._pack(self.staging[row], slot)
+        self.packs = []
+        if self.expert_bytes:
+            for dst, slots in self.send_to:
+                buf = torch.empty((len(slots), self.expert_bytes), dtype=torch.uint8, device=device)
+                for j, slot in enumerate(slots):
+                    self._pack(buf[j], slot)
+                self.packs.append((dst, buf))
 
     def _ops(self) -> list[dist.P2POp]:
-        """Sends from live slots and receives into staging, in one order on both sides."""
-        ops, comm, plan = [], self.comm, self.plan
-        count: dict[tuple[str, int], int] = {}
-        for dst_rank, src_slot in plan.sends[comm.rank]:
-            j = count[("s", dst_rank)] = count.get(("s", dst_rank), -1) + 1
-            peer = comm.global_ranks[dst_rank]
-            for k, w in enumerate(self.weights):
-                ops.append(dist.P2POp(dist.isend, w[src_slot], peer, comm.group, self._tag(j, k)))
-        for i, (src_rank, _, _) in enumerate(plan.recvs[comm.rank]):
-            j = count[("r", src_rank)] = count.get(("r", src_rank), -1) + 1
-            peer = comm.global_ranks[src_rank]
-            for k, buf in enumerate(self.staging):
-                ops.append(dist.P2POp(dist.irecv, buf[i], peer, comm.group, self._tag(j, k)))
+        """One send per receiving peer (its packed buffer) and one receive per sending peer
+        (straight into that peer's contiguous staging rows)."""
+        comm, tag = self.comm, self.plan.layer % (2**31)
+        ops = [
+            dist.P2POp(dist.isend, buf.view(-1), comm.global_ranks[dst], comm.group, tag)
+            for dst, buf in self.packs
+        ]
+        if self.expert_bytes:
+            for src, first, count in self.recv_from:
+                view = self.staging[first : first + count].view(-1)
+                ops.append(dist.P2POp(dist.irecv, view, comm.global_ranks[src], comm.group, tag))
         return ops
 
-    def launch(self) -> None:
-        """Allocate staging (on the current stream), stage overwritten sources, post transfers."""
-        if self.rows:
-            self.staging = [
-                torch.empty((self.rows, *w.shape[1:]), dtype=w.dtype, device=w.device)
-                for w in self.weights
-            ]
-        for slot, row in self.prestage:
-            for w, buf in zip(self.weights, self.staging, strict=True):
-                buf[row].copy_(w[slot])
+    def post(self) -> None:
+        """Post the transfers (after :meth:`stage`; they follow the current stream's work)."""
         ops = self._ops()
         if _FAULT_HOOK is not None:
             _FAULT_HOOK("post", {"rank": self.comm.rank, "layer": self.plan.layer, "ops": ops})
         self.works = dist.batch_isend_irecv(ops) if ops else []
+
+    def launch(self) -> None:
+        """:meth:`stage` then :meth:`post`."""
+        self.stage()
+        self.post()
 
     def transfers_done(self) -> bool:
         """Non-blocking: have this rank's transfers completed? (CUDA backends only.)"""
@@ -307,16 +433,22 @@ class LayerMove:
 
     def commit(self) -> None:
         """Write the new content of every changed slot (queued on the current stream)."""
-        for k, w in enumerate(self.weights):
-            for dst, row, src in self.writes:
-                w[dst].copy_(self.staging[k][row] if row is not None else w[src])
+        for dst, row, src in self.writes:
+            for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
+                if size:
+                    source = rows[src] if row is None else self.staging[row, offset : offset + size]
+                    rows[dst].copy_(source)
+
+    def release(self) -> None:
+        """Drop the buffers after a commit (their transfers have completed)."""
+        self.staging, self.packs, self.works = None, [], []
 
     def abandon(self) -> None:
-        """Drop staging after a failure; CUDA transfers that may still be pending keep their
+        """Drop the buffers after a failure; CUDA transfers that may still be pending keep their
         buffers alive (gloo ones have settled in :meth:`wait`)."""
         if self.works and self.comm.polls:
-            _ABANDONED.append((self.works, self.staging))
-        self.staging, self.works = [], []
+            _ABANDONED.append((self.works, self.staging, self.packs))
+        self.release()
 
 
 def layer_plan(
@@ -352,18 +484,22 @@ def move_experts(
     plan: MovePlan | None = None,
     *,
     timeout: float | datetime.timedelta = 60.0,
+    control_group: object = None,
+    profile: bool = False,
 ) -> MoveStats:
     """Move one layer's expert weights in place from ``old_phy2log`` to ``new_phy2log``.
 
     Collective: every rank of ``group`` calls it with the same placements. Receives land in
     staging buffers and replace live weights only after every transfer of the layer completed
-    on every rank; on any failure nothing live changes anywhere.
+    on every rank; on any failure nothing live changes anywhere. Each rank sends one message
+    per receiving peer (its rows packed into one buffer) and receives one per sending peer.
 
     Args:
         weights: this rank's weights of the layer, a list of contiguous tensors
             ``[S, ...]`` (S = local slots; one per weight kind, e.g. w1/w2/w3, any dtype, any
             trailing shape, quantisation scales as further entries), all on one device (CUDA
-            with NCCL -- after ``torch.cuda.set_device`` -- or CPU with gloo).
+            with NCCL -- after ``torch.cuda.set_device`` -- or CPU with gloo). Every rank must
+            pass the same dtypes and per-slot shapes.
         old_phy2log: [R] integer, the placement the weights are in now (-1 unused).
         new_phy2log: [R] integer, the target placement.
         group: the expert-parallel process group (None: the default group; without an
@@ -371,6 +507,11 @@ def move_experts(
         plan: a :class:`MovePlan` from ``plan_moves(old, new, group size)`` to reuse.
         timeout: seconds (or ``timedelta``) that each of the three waits (argument check,
             transfers, agreement) may take.
+        control_group: a CPU (gloo) group with the same ranks as ``group`` for the two small
+            exchanges (argument check, agreement); None: ``group`` itself (on NCCL each is a
+            tiny all-reduce on the GPU with a device-to-host copy).
+        profile: drain the device at the end of each phase so that ``MoveStats.phases``
+            counts GPU time too (for benchmarks: it adds synchronisations).
 
     Returns:
         :class:`MoveStats` of this rank.
@@ -384,25 +525,36 @@ def move_experts(
     start = time.perf_counter()
     seconds = timeout_seconds(timeout)
     first = weights[0] if isinstance(weights, Sequence) and weights else None
-    comm = comm_of(group, first.device if isinstance(first, torch.Tensor) else None)
-    move, bad, fingerprint = None, None, 0
+    device = first.device if isinstance(first, torch.Tensor) else None
+    comm = comm_of(group, device)
+    control, move, bad, fingerprint = comm, None, None, 0
+    timer = PhaseTimer(None, start)
     try:
+        control = control_comm(comm, control_group)
+        timer = PhaseTimer(device if flag("profile", profile) else None, start)
         ws = checked_weights("weights", weights)
         layer = layer_plan(plan, old_phy2log, new_phy2log, comm.size, ws[0].shape[0])
         move = LayerMove(layer, ws, comm)
-        fingerprint = placement_fingerprint(torch.tensor(layer.old), torch.tensor(layer.new))
+        fingerprint = placement_fingerprint(
+            torch.tensor(layer.old), torch.tensor(layer.new), weights_layout(ws)
+        )
     except (TypeError, ValueError) as err:
         bad = err
-    check_together(comm, bad, fingerprint, seconds)
+    check_together(control, bad, fingerprint, seconds)
+    timer.lap("check")
 
     failure = None
     try:
-        move.launch()
+        move.stage()
+        timer.lap("stage")
+        move.post()
+        timer.lap("post")
         move.wait(time.monotonic() + seconds)
+        timer.lap("transfer")
     except Exception as err:  # any local failure: report it, then raise on every rank together
         failure = err
     try:
-        table = exchange(comm, [int(failure is None)], seconds)
+        table = exchange(control, [int(failure is None)], seconds)
     except ExpertMoveError as err:
         move.abandon()
         raise err from failure
@@ -414,7 +566,11 @@ def move_experts(
             + (f" (here: {failure!r})" if failure is not None else "")
             + "; live weights unchanged"
         ) from failure
+    timer.lap("agree")
     move.commit()
-    move.staging = []
+    move.release()
+    timer.lap("commit")
     sent, received, copied = move.stats
-    return MoveStats(sent, received, copied, time.perf_counter() - start, (move.plan.layer,))
+    return MoveStats(
+        sent, received, copied, time.perf_counter() - start, (move.plan.layer,), timer.phases
+    )

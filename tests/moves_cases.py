@@ -23,6 +23,8 @@ import torch.multiprocessing as mp
 # Weight kinds of one expert: e.g. bf16 weights, int8 quantised weights, float32 scales.
 KINDS = ((torch.bfloat16, (3, 4)), (torch.int8, (5,)), (torch.float32, (2,)))
 BIG_KINDS = ((torch.bfloat16, (64, 256)), (torch.float32, (7,)))
+# KINDS with other scales ([3] instead of [2]): a rank passing these has a different layout.
+OTHER_KINDS = (*KINDS[:2], (torch.float32, (3,)))
 _UNUSED = 1_000_000  # content key of an unused slot: _UNUSED + global slot
 NVLS_OFF = {
     "NCCL_NVLS_ENABLE": "0",
@@ -130,33 +132,59 @@ def equal_weights(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b, strict=True))
 
 
-def _sync_moves(rank: int, world: int, device, seeds: list[int], slots: int, kinds) -> list:
-    """Random one-layer moves; asserts bit-exact weights; returns (seed, sent, received)."""
-    from eplb import move_experts
+def _count_messages(record: list) -> Callable[[str, dict], None]:
+    """A post hook that appends (isends, irecvs) of every batch of transfers to ``record``."""
 
+    def hook(event: str, info: dict) -> None:
+        sends = sum(op.op is dist.isend for op in info["ops"])
+        record.append((sends, len(info["ops"]) - sends))
+
+    return hook
+
+
+def _sync_moves(
+    rank: int, world: int, device, seeds: list[int], slots: int, kinds, control
+) -> list:
+    """Random one-layer moves; asserts bit-exact weights. Seeds alternate the options: none,
+    profile with a gloo control group, the control group alone. Returns per seed (seed, sent,
+    received, messages (isends, irecvs) posted, sorted phase names)."""
+    from eplb import move_exec, move_experts
+
+    options = ({}, {"profile": True, "control_group": control}, {"control_group": control})
     out = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         old, new = random_case(seed, world, slots)
         weights = rank_weights(old, rank, slots, 0, kinds, device)
-        stats = move_experts(weights, torch.tensor(old), torch.tensor(new), timeout=30.0)
+        posted: list = []
+        move_exec._FAULT_HOOK = _count_messages(posted)
+        try:
+            stats = move_experts(
+                weights, torch.tensor(old), torch.tensor(new), timeout=30.0, **options[i % 3]
+            )
+        finally:
+            move_exec._FAULT_HOOK = None
         want = rank_weights(after_move(old, new), rank, slots, 0, kinds, device)
         assert equal_weights(weights, want), f"seed {seed}: weights differ after the move"
-        out.append((seed, stats.bytes_sent, stats.bytes_received))
+        assert all(t >= 0 for t in stats.phases.values()), stats.phases
+        messages = posted[0] if posted else (0, 0)
+        out.append((seed, stats.bytes_sent, stats.bytes_received, messages, sorted(stats.phases)))
     return out
 
 
 def _async_moves(
-    rank: int, world: int, device, seed: int, slots: int, kinds, max_in_flight: int
-) -> tuple[list[list[int]], int]:
-    """An ExpertMover over four layers (one unchanged). After every step(), committed layers
-    hold the new experts and all others still the old ones, bit for bit; at most
-    ``max_in_flight`` layers that move data are in flight. Returns (commits per step, bytes)."""
+    rank: int, world: int, device, seed: int, slots: int, kinds, max_in_flight: int, options: dict
+) -> tuple[list[list[int]], int, int, dict, list[str]]:
+    """An ExpertMover (``options``: more constructor arguments) over four layers (one
+    unchanged). After every step(), committed layers hold the new experts and all others still
+    the old ones, bit for bit; at most ``max_in_flight`` layers that move data are in flight.
+    Returns (commits per step, bytes received, bytes sent, transfer_config, sorted phase
+    names)."""
     from eplb import ExpertMover
 
     cases = [random_case(seed * 10 + layer, world, slots) for layer in range(4)]
     cases[2] = (cases[2][0], cases[2][0])
     weights = [rank_weights(o, rank, slots, i, kinds, device) for i, (o, _) in enumerate(cases)]
-    mover = ExpertMover(weights, max_layers_in_flight=max_in_flight, timeout=30.0)
+    mover = ExpertMover(weights, max_layers_in_flight=max_in_flight, timeout=30.0, **options)
     mover.start(torch.tensor([c[0] for c in cases]), torch.tensor([c[1] for c in cases]))
     steps: list[list[int]] = []
     done: set[int] = set()
@@ -178,17 +206,29 @@ def _async_moves(
             assert equal_weights(weights[i], expect), f"layer {i} (committed: {i in done})"
         time.sleep(0.002)  # a forward pass
     assert mover.done and sorted(done) == list(range(len(cases))), (done, mover.pending)
-    return steps, mover.stats.bytes_received
+    phases = mover.stats.phases
+    assert all(t >= 0 for t in phases.values()), phases
+    stats = mover.stats
+    return steps, stats.bytes_received, stats.bytes_sent, mover.transfer_config, sorted(phases)
+
+
+# ExpertMover runs: (max_layers_in_flight, seed index, constructor options). On NCCL the
+# default max_ctas makes a transfer group of its own; None transfers on the group itself.
+ASYNC_RUNS = ((1, 0, {}), (2, -1, {"profile": True}))
+NCCL_ASYNC_RUNS = ((1, 0, {"max_ctas": None}), (2, -1, {"max_ctas": 1, "profile": True}))
 
 
 def check_moves(rank: int, world: int, device: torch.device, seeds: list[int], slots: int) -> dict:
     """Sync and async moves in the current default group (see the two helpers above)."""
-    kinds = BIG_KINDS if device.type == "cuda" else KINDS
+    cuda = device.type == "cuda"
+    kinds = BIG_KINDS if cuda else KINDS
+    control = dist.new_group(backend="gloo")  # a CPU group with every rank (collective)
+    runs = ASYNC_RUNS + (NCCL_ASYNC_RUNS if cuda else ())
     return {
-        "sync": _sync_moves(rank, world, device, seeds, slots, kinds),
+        "sync": _sync_moves(rank, world, device, seeds, slots, kinds, control),
         "async": [
-            _async_moves(rank, world, device, seed, slots, kinds, max_in_flight)
-            for max_in_flight, seed in ((1, seeds[0]), (2, seeds[-1]))
+            _async_moves(rank, world, device, seeds[i], slots, kinds, in_flight, options)
+            for in_flight, i, options in runs
         ],
     }
 
@@ -218,7 +258,10 @@ def check_faults(
     rank: int, world: int, ports: list[int], scenarios: list[str], timeout: float
 ) -> dict:
     """Each scenario in a fresh gloo group; returns, per scenario, what was raised, how long it
-    took, whether every uncommitted layer kept its old weights, and the committed layers."""
+    took, whether every uncommitted layer kept its old weights, and the committed layers.
+
+    Scenarios: see ``_inject``; "layout" / "layout_async": rank 1's weights have another
+    layout than the others' (move_experts / ExpertMover)."""
     from eplb import ExpertMoveError, ExpertMover, move_exec, move_experts
 
     slots, layers = 3, 3
@@ -228,11 +271,12 @@ def check_faults(
         # A short group timeout: tearing down a group with abandoned transfers waits for it.
         init_group(rank, world, port, "gloo", 2 * timeout)
         move_exec._FAULT_HOOK = _inject(scenario)
-        weights = [rank_weights(old, rank, slots, i) for i in range(layers)]
+        kinds = OTHER_KINDS if scenario.startswith("layout") and rank == 1 else KINDS
+        weights = [rank_weights(old, rank, slots, i, kinds) for i in range(layers)]
         begin = time.monotonic()
         raised, committed = None, []
         try:
-            if scenario == "async":
+            if scenario in ("async", "layout_async"):
                 mover = ExpertMover(weights, timeout=timeout)
                 mover.start(torch.tensor([old] * layers), torch.tensor([new] * layers))
                 while not mover.done:
@@ -245,7 +289,9 @@ def check_faults(
         seconds = time.monotonic() - begin
         move_exec._FAULT_HOOK = None
         intact = all(
-            equal_weights(weights[i], rank_weights(new if i in committed else old, rank, slots, i))
+            equal_weights(
+                weights[i], rank_weights(new if i in committed else old, rank, slots, i, kinds)
+            )
             for i in range(layers)
         )
         record[scenario] = {

@@ -1,6 +1,7 @@
 """Expert moves across processes (gloo on the CPU, 2 and 4 ranks): bit-exact weights after the
-synchronous and the asynchronous mover, byte counts against the lower bound, and fault
-injection (a rank raising before it posts its transfers, a send that never comes).
+synchronous and the asynchronous mover, byte counts against the lower bound, one message per
+peer and direction, phase timings, and fault injection (a rank raising before it posts its
+transfers, a send that never comes, a rank whose weights have another layout).
 
 One spawn per world size runs everything (moves_cases.gloo_worker); the tests check its record.
 """
@@ -22,10 +23,11 @@ from moves_cases import (
 )
 
 from eplb import ExpertMover, min_move_bytes, move_experts, plan_moves
+from eplb.move_exec import PHASES
 
 SEEDS = [3, 11, 28]
 SLOTS = 3
-SCENARIOS = ["raise", "skip", "async"]
+SCENARIOS = ["raise", "skip", "async", "layout", "layout_async"]
 FAULT_TIMEOUT = 1.0
 
 
@@ -63,6 +65,12 @@ def test_sync_moves_send_exactly_the_lower_bound(run: tuple) -> None:
         bound = _lower_bound(old, new, world) * expert_bytes
         assert sum(received) == sum(sent) == plan.bytes(expert_bytes) == bound
         assert min_move_bytes(old, new, world, expert_bytes) == bound
+        # One message per peer and direction: the distinct receivers / senders of each rank.
+        for r, rec in enumerate(records):
+            peers_to = {dst for dst, _ in plan.sends[r]}
+            peers_from = {src for src, _, _ in plan.recvs[r]}
+            assert rec["moves"]["sync"][i][3] == (len(peers_to), len(peers_from)), (seed, r)
+            assert rec["moves"]["sync"][i][4] == sorted(PHASES)
 
 
 def test_async_mover_commits_the_same_layers_at_the_same_step_everywhere(run: tuple) -> None:
@@ -72,6 +80,14 @@ def test_async_mover_commits_the_same_layers_at_the_same_step_everywhere(run: tu
         assert all(s == steps[0] for s in steps), steps
         assert sorted(i for step in steps[0] for i in step) == [0, 1, 2, 3]
         assert sum(rec["moves"]["async"][k][1] for rec in records) > 0
+        for rec in records:
+            _, received, sent, config, phases = rec["moves"]["async"][k]
+            # gloo: the transfers run on the group itself whatever max_ctas says.
+            assert config["max_ctas"] is None and config["group"] == "group"
+            assert "NCCL" in config["note"]
+            assert {"exchange", "launch", "commit"} <= set(phases)
+            # The waiter thread timed the transfers of every rank that had any.
+            assert ("transfer" in phases) == (received + sent > 0)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -133,6 +149,25 @@ def test_one_rank_mover_commits_layer_by_layer_and_aborts() -> None:
         assert equal_weights(weights[i], rank_weights(want, 0, 5, i))
 
 
+def test_one_rank_move_of_odd_dtypes_and_shapes() -> None:
+    # Rows travel as bytes: 1-D weights, empty trailing shapes, bool and complex all survive a
+    # 3-cycle with a copy from an overwritten slot (staged through the byte buffer).
+    old, new = [0, 1, 2, 3], [1, 2, 0, 0]
+    gen = torch.Generator().manual_seed(5)
+    contents = [
+        torch.randn(4, generator=gen, dtype=torch.float64),
+        torch.empty(4, 0, 3),
+        torch.randint(0, 2, (4, 5), generator=gen).bool(),
+        torch.randn(4, 2, generator=gen, dtype=torch.complex64),
+    ]
+    weights = [c.clone() for c in contents]
+    stats = move_experts(weights, torch.tensor(old), torch.tensor(new), profile=True)
+    for got, was in zip(weights, contents, strict=True):
+        assert torch.equal(got, was[torch.tensor(new)])
+    assert sorted(stats.phases) == sorted(PHASES)
+    assert stats.bytes_copied == 4 * (8 + 0 + 5 + 16)
+
+
 def test_move_argument_checks() -> None:
     old, new = torch.tensor([0, 1, 2]), torch.tensor([2, 1, 0])
     weights = rank_weights([0, 1, 2], 0, 3, 0)
@@ -158,4 +193,16 @@ def test_move_argument_checks() -> None:
         ExpertMover([weights]).start(old, new)
     with pytest.raises(ValueError, match="max_layers_in_flight"):
         ExpertMover([weights], max_layers_in_flight=0)
+    with pytest.raises(TypeError, match="profile"):
+        move_experts(weights, old, new, profile="yes")
+    with pytest.raises(TypeError, match="control_group"):
+        move_experts(weights, old, new, control_group="gloo")
+    with pytest.raises(ValueError, match="max_ctas"):
+        ExpertMover([weights], max_ctas=0)
+    with pytest.raises(ValueError, match="max_ctas"):
+        ExpertMover([weights], max_ctas=65)
+    with pytest.raises(TypeError, match="max_ctas"):
+        ExpertMover([weights], max_ctas=2.0)
+    with pytest.raises(TypeError, match="profile"):
+        ExpertMover([weights], profile=1)
     assert equal_weights(weights, rank_weights([0, 1, 2], 0, 3, 0))  # nothing moved
