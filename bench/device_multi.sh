@@ -16,6 +16,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build test bench)
 status=0
 gpus=$(nvidia-smi -L | wc -l)
+tag=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o "H[0-9]*" | tr "H" "h")
 
 for step in "${steps[@]}"; do
   start=$SECONDS
@@ -30,11 +31,11 @@ for step in "${steps[@]}"; do
       ;;
     bench)
       for n in 2 "$gpus"; do
-        timeout 290 python3 bench/bench_moves.py --gpus "$n" --out "$OUT/moves_${n}gpu_h100.json" \
+        timeout 290 python3 bench/bench_moves.py --gpus "$n" --out "$OUT/moves_${n}gpu_${tag}.json" \
           2>&1 | tee "$OUT/bench_moves_${n}gpu.log" | tail -40
         [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
         timeout 150 python3 bench/bench_exchange.py --gpus "$n" \
-          --out "$OUT/exchange_${n}gpu_h100.json" 2>&1 | tee "$OUT/bench_exchange_${n}gpu.log" \
+          --out "$OUT/exchange_${n}gpu_${tag}.json" 2>&1 | tee "$OUT/bench_exchange_${n}gpu.log" \
           | tail -20
         [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       done
