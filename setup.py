@@ -1,8 +1,8 @@
 """Build the extension modules with one CMake project (docs/architecture.md).
 
-``eplb._C`` (CPU C++, always built) and ``lplb._C`` (CUDA kernels when ``nvcc`` is found; set
-``LPLB_CUDA=0`` to skip them or ``LPLB_CUDA=1`` to require them). Neither links libtorch, so one
-build serves any torch.
+``eplb._C`` (CPU C++, always built) and ``lplb._C`` (the CUDA kernels when ``nvcc`` is found and
+the machine has an NVIDIA driver; ``LPLB_CUDA=1`` requires them, e.g. on a build node without
+GPUs or in CI, ``LPLB_CUDA=0`` skips them). Neither links libtorch, so one build serves any torch.
 
 ``lplb._nvshmem`` (the NVSHMEM workload exchange, docs/exchange.md) is built with the CUDA
 kernels when NVSHMEM is found: ``NVSHMEM_HOME``, else the ``nvidia-nvshmem-cu13`` wheel
@@ -10,6 +10,7 @@ kernels when NVSHMEM is found: ``NVSHMEM_HOME``, else the ``nvidia-nvshmem-cu13`
 only warns if that build fails, ``LPLB_NVSHMEM=1`` requires it, ``LPLB_NVSHMEM=0`` skips it.
 """
 
+import ctypes.util
 import os
 import shutil
 import subprocess
@@ -40,7 +41,23 @@ def _want_cuda() -> str | None:
     nvcc = _find_nvcc()
     if nvcc is None and flag == "1":
         raise RuntimeError("LPLB_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+    if flag == "auto" and not _has_nvidia_driver():
+        # Compiling the kernels takes minutes on a small machine and nothing here could run
+        # them; LPLB_CUDA=1 builds them anyway.
+        print(
+            "lplb: no NVIDIA driver found, building without the CUDA kernels (LPLB_CUDA=1 to force)"
+        )
+        return None
     return nvcc
+
+
+def _has_nvidia_driver() -> bool:
+    """An NVIDIA driver on this machine: its device node, its tool, or its library."""
+    return (
+        Path("/dev/nvidiactl").exists()
+        or shutil.which("nvidia-smi") is not None
+        or ctypes.util.find_library("cuda") is not None
+    )
 
 
 def _nvshmem_mode() -> str:
