@@ -281,7 +281,7 @@ class ExpertMover:
     @property
     def pool_allocations(self) -> int:
         """How many times the staging pool was allocated (once per mover unless a later move
-        needs a larger one, or a failure left CUDA transfers pending on it)."""
+        needs a larger one, or a failure or ``abort`` on CUDA left transfers posted on it)."""
         return self._pool_allocations
 
     @property
@@ -295,8 +295,9 @@ class ExpertMover:
         """This rank's totals over the layers committed since the last ``start``.
 
         ``phases`` (seconds, summed over layers and steps): host time in "exchange" (the
-        per-step agreement: posting it, and waiting for the previous one), "launch" (staging,
-        packing and posting), "commit", and "host_step" (all of ``step()``); "transfer"
+        per-step agreement: posting it, and reading the previous one; "exchange_wait" is the
+        reading part alone), "launch" (staging, packing and posting; "launch_stage" and
+        "launch_post" split it), "commit", and "host_step" (all of ``step()``); "transfer"
         from posting to completion as the waiter thread saw it (CPU backends); with
         ``profile=True`` on CUDA the GPU time of "stage_gpu" (staging and packing copies) and
         "transfer_gpu" (posting to completion, peers' delays included). The transfer phases
@@ -380,24 +381,31 @@ class ExpertMover:
         """Stage and post one layer (on the side stream on CUDA)."""
         move = flight.move
         buffer = None if flight.slot is None or not move.buffer_bytes else self._buffer(flight.slot)
+        begin = time.perf_counter()
         if self._stream is None:
             move.stage(buffer)
+            staged = time.perf_counter()
             move.post()
             flight.posted_at = time.perf_counter()
+            self._add("launch_stage", staged - begin)
+            self._add("launch_post", flight.posted_at - staged)
             flight.wait_in_thread()
             return
         with torch.cuda.stream(self._stream):
-            timing = [torch.cuda.Event(enable_timing=True) for _ in range(3 * self._profile)]
-            if timing:
-                timing[0].record(self._stream)
             freed = self._slot_free.pop(flight.slot, None)
             if freed is not None:
                 self._stream.wait_event(freed)  # the slot's last commit copies have run
+            timing = [torch.cuda.Event(enable_timing=True) for _ in range(3 * self._profile)]
+            if timing:
+                timing[0].record(self._stream)
             move.stage(buffer)
             if timing:
                 timing[1].record(self._stream)
+            staged = time.perf_counter()
             move.post()
             flight.posted_at = time.perf_counter()
+            self._add("launch_stage", staged - begin)
+            self._add("launch_post", flight.posted_at - staged)
             flight.event = torch.cuda.Event()
             flight.event.record(self._stream)
             if timing:
@@ -487,7 +495,9 @@ class ExpertMover:
         except ExpertMoveError:
             self._fail()
             raise
-        self._add("exchange", time.perf_counter() - begin)
+        waited = time.perf_counter() - begin
+        self._add("exchange", waited)
+        self._add("exchange_wait", waited)
         counts = table[:, 0]
         if (counts < 0).any():
             layer = self._inflight[0].layer

@@ -395,14 +395,20 @@ class LayerMove:
         self.first_gathered = len(recvs)  # staging row of the first prestaged slot
         self.num_send_rows = len(plan.sends[rank])
         # Index lists (see index_lists): the slots packed into the buffer by one gather per
-        # weight kind (prestaged sources, then the rows to send, in buffer order), and the
-        # commit's writes from staging and from live slots, one scatter per kind each.
-        from_staging = [(dst, row) for dst, row, _ in self.writes if row is not None]
+        # weight kind (prestaged sources, then the rows to send, in buffer order); the commit
+        # writes the received rows straight from staging (one scatter per kind: each receive
+        # row has one destination), the other writes from staging rows (copies of a received
+        # or prestaged row: a gather, then a scatter per kind) and from live slots.
+        by_row = [0] * len(recvs)
+        for dst, row in recv_row.items():
+            by_row[row] = dst
+        more = [(dst, row) for dst, row, src in self.writes if row is not None and src is not None]
         from_live = [(dst, src) for dst, row, src in self.writes if row is None]
         self._lists = (
             [slot for slot, _ in self.prestage] + [slot for _, sl in self.send_to for slot in sl],
-            [dst for dst, _ in from_staging],
-            [row for _, row in from_staging],
+            by_row,
+            [dst for dst, _ in more],
+            [row for _, row in more],
             [dst for dst, _ in from_live],
             [src for _, src in from_live],
         )
@@ -426,8 +432,9 @@ class LayerMove:
         return (self.num_rows + self.num_send_rows) * self.expert_bytes
 
     def index_lists(self) -> tuple[list[int], ...]:
-        """(gathered slots, commit destinations from staging, their staging rows, commit
-        destinations from live slots, those live source slots): five lists of ints."""
+        """(gathered slots, the destination of each receive row, destinations of copies from
+        staging, their staging rows, destinations of copies from live slots, those live
+        source slots): six lists of ints."""
         return self._lists
 
     def _indices(self) -> tuple[torch.Tensor, ...]:
@@ -504,13 +511,17 @@ class LayerMove:
         scatter per weight kind from staging, one gather-scatter per kind from live slots."""
         if not self.expert_bytes:
             return
-        _, to_dst, rows_idx, live_dst, live_src = self._indices()
+        _, recv_dst, more_dst, more_rows, live_dst, live_src = self._indices()
+        sources = []
         if self._lists[1]:
-            staged = self.staging.index_select(0, rows_idx)
+            sources.append((recv_dst, self.staging[: len(self._lists[1])]))
+        if self._lists[2]:
+            sources.append((more_dst, self.staging.index_select(0, more_rows)))
+        for dst, source in sources:
             for rows, (offset, width) in zip(self.rows, self.spans, strict=True):
                 if width:
-                    rows.index_copy_(0, to_dst, staged[:, offset : offset + width])
-        if self._lists[3]:
+                    rows.index_copy_(0, dst, source[:, offset : offset + width])
+        if self._lists[4]:
             # The live sources are slots that no write touches: any order is safe.
             for rows, (_, width) in zip(self.rows, self.spans, strict=True):
                 if width:
