@@ -28,7 +28,6 @@ from eplb.move_exec import (
     ExpertMoveError,
     LayerMove,
     MoveStats,
-    PostedExchange,
     check_together,
     checked_weights,
     comm_of,
@@ -36,7 +35,6 @@ from eplb.move_exec import (
     exchange,
     flag,
     placement_fingerprint,
-    set_indices,
     timeout_seconds,
     weights_layout,
 )
@@ -52,9 +50,8 @@ DEFAULT_MAX_CTAS = 4
 class _InFlight:
     """A launched layer: its move, and how this rank learns that its transfers completed."""
 
-    def __init__(self, move: LayerMove, deadline: float, slot: int | None) -> None:
+    def __init__(self, move: LayerMove, deadline: float) -> None:
         self.move, self.deadline = move, deadline
-        self.slot = slot  # the staging pool's slot it uses (None: it stages nothing)
         self.event: torch.cuda.Event | None = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -198,18 +195,7 @@ class ExpertMover:
             torch.cuda.Stream(self._device, priority=0) if self._device.type == "cuda" else None
         )
         self._plans: list = []
-        self._moves: list[LayerMove] = []
         self._todo: deque[int] = deque()
-        # Staging pool: max_layers_in_flight slots of slot_bytes, allocated at start() and
-        # reused by every layer (and by later moves when large enough). On CUDA a slot is
-        # reused only after the previous layer's commit copies ran (slot_free events).
-        self._pool: torch.Tensor | None = None
-        self._slot_bytes = 0
-        self._free_slots: list[int] = []
-        self._slot_free: dict[int, torch.cuda.Event] = {}
-        self._pool_allocations = 0
-        # The readiness exchange posted by the last step(), read by the next one.
-        self._agreement: PostedExchange | None = None
         self._inflight: deque[_InFlight] = deque()
         self._committed: list[int] = []
         self._totals = [0, 0, 0]
@@ -274,17 +260,6 @@ class ExpertMover:
         return tuple(self._committed)
 
     @property
-    def staging_bytes(self) -> int:
-        """Bytes of the staging pool (0 before the first ``start``)."""
-        return 0 if self._pool is None else self._pool.numel()
-
-    @property
-    def pool_allocations(self) -> int:
-        """How many times the staging pool was allocated (once per mover unless a later move
-        needs a larger one, or a failure or ``abort`` on CUDA left transfers posted on it)."""
-        return self._pool_allocations
-
-    @property
     def transfer_config(self) -> dict:
         """How the transfers run: ``{"max_ctas": int or None, "group": "own NCCL group" or
         "group"}``, plus ``"note"`` when a requested ``max_ctas`` was not applied and why."""
@@ -295,9 +270,7 @@ class ExpertMover:
         """This rank's totals over the layers committed since the last ``start``.
 
         ``phases`` (seconds, summed over layers and steps): host time in "exchange" (the
-        per-step agreement: posting it, and reading the previous one; "exchange_wait" is the
-        reading part alone), "launch" (staging, packing and posting; "launch_stage" and
-        "launch_post" split it), "commit", and "host_step" (all of ``step()``); "transfer"
+        per-step agreement), "launch" (staging, packing and posting) and "commit"; "transfer"
         from posting to completion as the waiter thread saw it (CPU backends); with
         ``profile=True`` on CUDA the GPU time of "stage_gpu" (staging and packing copies) and
         "transfer_gpu" (posting to completion, peers' delays included). The transfer phases
@@ -348,10 +321,6 @@ class ExpertMover:
             bad = err
         check_together(self._control, bad, fingerprint, self._timeout)
         self._plans = plans
-        pairs = zip(plans, self._weights, strict=True)
-        self._moves = [LayerMove(p, w, self._comm) for p, w in pairs]
-        set_indices(self._moves, self._device)
-        self._make_pool()
         self._todo = deque(range(len(plans)))
         self._committed, self._totals, self._seconds, self._phases = [], [0, 0, 0], 0.0, {}
         self._started = time.perf_counter()
@@ -360,52 +329,23 @@ class ExpertMover:
             self._stream.wait_stream(torch.cuda.current_stream(self._device))
         self._fill()
 
-    def _make_pool(self) -> None:
-        """Size the staging pool for ``max_layers_in_flight`` of the largest layer (this rank's
-        received, prestaged and sent rows); allocate it only if the current one is smaller."""
-        align = 512  # keeps every slot (and so every transfer buffer) aligned
-        largest = max((m.buffer_bytes for m in self._moves), default=0)
-        self._slot_bytes = -(-largest // align) * align
-        need = self._slot_bytes * min(self._max, len(self._moves))
-        if need and (self._pool is None or self._pool.numel() < need):
-            self._pool = torch.empty(need, dtype=torch.uint8, device=self._device)
-            self._pool_allocations += 1
-            self._slot_free = {}
-        self._free_slots = list(range(min(self._max, len(self._moves))))
-
-    def _buffer(self, slot: int) -> torch.Tensor:
-        begin = slot * self._slot_bytes
-        return self._pool[begin : begin + self._slot_bytes]
-
     def _launch(self, flight: _InFlight) -> None:
         """Stage and post one layer (on the side stream on CUDA)."""
         move = flight.move
-        buffer = None if flight.slot is None or not move.buffer_bytes else self._buffer(flight.slot)
-        begin = time.perf_counter()
         if self._stream is None:
-            move.stage(buffer)
-            staged = time.perf_counter()
-            move.post()
+            move.launch()
             flight.posted_at = time.perf_counter()
-            self._add("launch_stage", staged - begin)
-            self._add("launch_post", flight.posted_at - staged)
             flight.wait_in_thread()
             return
         with torch.cuda.stream(self._stream):
-            freed = self._slot_free.pop(flight.slot, None)
-            if freed is not None:
-                self._stream.wait_event(freed)  # the slot's last commit copies have run
             timing = [torch.cuda.Event(enable_timing=True) for _ in range(3 * self._profile)]
             if timing:
                 timing[0].record(self._stream)
-            move.stage(buffer)
+            move.stage()
             if timing:
                 timing[1].record(self._stream)
-            staged = time.perf_counter()
             move.post()
             flight.posted_at = time.perf_counter()
-            self._add("launch_stage", staged - begin)
-            self._add("launch_post", flight.posted_at - staged)
             flight.event = torch.cuda.Event()
             flight.event.record(self._stream)
             if timing:
@@ -427,8 +367,8 @@ class ExpertMover:
             if not plan.is_noop and staged >= self._max:
                 break
             self._todo.popleft()
-            slot = None if plan.is_noop else self._free_slots.pop()
-            flight = _InFlight(self._moves[plan.layer], time.monotonic() + self._timeout, slot)
+            move = LayerMove(plan, self._weights[plan.layer], self._comm)
+            flight = _InFlight(move, time.monotonic() + self._timeout)
             self._inflight.append(flight)
             try:
                 self._launch(flight)
@@ -437,17 +377,11 @@ class ExpertMover:
         self._add("launch", time.perf_counter() - begin)
 
     def step(self) -> list[int]:
-        """Commit the layers that the previous ``step()``'s exchange found completed on every
-        rank; return their ids. Then post this step's exchange without waiting for it.
+        """Commit the layers whose transfers completed on every rank; return their ids.
 
-        Call between forward passes on every rank. Each ``step()`` reads the exchange the
-        previous one posted (it has normally completed in the background meanwhile; if not,
-        it waits for it, up to the timeout), so a layer commits one ``step()`` after every
-        rank saw its transfers complete, and the first ``step()`` after ``start`` commits
-        nothing. Every rank reads the same exchange in the same call, so all commit the same
-        layers at the same call. The commit copies are queued on the current stream, so the
-        next forward sees the new weights of the returned layers (switch their routing now)
-        and the old weights of every other layer.
+        Call between forward passes on every rank. The commit copies are queued on the current
+        stream, so the next forward sees the new weights of the returned layers (switch their
+        routing now) and the old weights of every other layer.
 
         Raises:
             ExpertMoveError: a layer's transfers failed or timed out on some rank, or the
@@ -457,47 +391,22 @@ class ExpertMover:
         """
         if self.done:
             return []
-        begin = time.perf_counter()
-        committed = []
-        if self._agreement is not None:
-            committed = self._agree_and_commit()
-        if not self.done:
-            posting = time.perf_counter()
-            try:
-                self._agreement = PostedExchange(self._control, [self._ready()], self._timeout)
-            except ExpertMoveError:
-                self._fail()
-                raise
-            self._add("exchange", time.perf_counter() - posting)
-        self._add("host_step", time.perf_counter() - begin)
-        return committed
-
-    def _ready(self) -> int:
-        """Leading in-flight layers whose transfers completed here; -1 if one failed."""
         ready = 0
         for flight in self._inflight:
             state = flight.state()
             if state < 0:
-                return -1
+                ready = -1
+                break
             if state == 0:
                 break
             ready += 1
-        return ready
-
-    def _agree_and_commit(self) -> list[int]:
-        """Read the posted exchange; raise if a rank failed, else commit the leading layers
-        ready on every rank (the head of the in-flight queue has not changed since it was
-        posted: only commits remove layers, new ones go to the back) and launch more."""
         begin = time.perf_counter()
-        posted, self._agreement = self._agreement, None
         try:
-            table = posted.result()
+            table = exchange(self._control, [ready], self._timeout)
         except ExpertMoveError:
             self._fail()
             raise
-        waited = time.perf_counter() - begin
-        self._add("exchange", waited)
-        self._add("exchange_wait", waited)
+        self._add("exchange", time.perf_counter() - begin)
         counts = table[:, 0]
         if (counts < 0).any():
             layer = self._inflight[0].layer
@@ -525,11 +434,8 @@ class ExpertMover:
             current = torch.cuda.current_stream(self._device)
             current.wait_event(flight.event)  # the staged copies (already complete)
             move.commit()
-            if flight.slot is not None:
-                # The next layer staged in this slot waits for these commit copies.
-                freed = torch.cuda.Event()
-                freed.record(current)
-                self._slot_free[flight.slot] = freed
+            if move.staging is not None:
+                move.staging.record_stream(current)  # freed only after the commit copies ran
             if flight.timing and move.works:  # all three completed (state() waited for them)
                 start, posted, end = flight.timing
                 self._add("stage_gpu", start.elapsed_time(posted) / 1e3)
@@ -539,8 +445,6 @@ class ExpertMover:
             if flight.done_at is not None and move.works:
                 self._add("transfer", flight.done_at - flight.posted_at)
         move.release()
-        if flight.slot is not None:
-            self._free_slots.append(flight.slot)
         self._committed.append(flight.layer)
         for i, value in enumerate(move.stats):
             self._totals[i] += value
@@ -548,18 +452,13 @@ class ExpertMover:
 
     def _fail(self) -> None:
         """Drop every uncommitted layer. CPU backends: first let the waiter threads finish (by
-        their deadlines), so that no transfer is left pending on a buffer that is freed.
-        CUDA transfers that may still be pending keep the staging pool alive (in
-        ``move_exec._ABANDONED``): the next ``start`` allocates a new one."""
+        their deadlines), so that no transfer is left pending on a buffer that is freed."""
         for flight in self._inflight:
             if flight.thread is not None:
                 flight.thread.join(max(flight.deadline - time.monotonic(), 0.0) + 1.0)
-            if flight.move.works and self._comm.polls:
-                self._pool = None
             flight.move.abandon()
         self._inflight.clear()
         self._todo.clear()
-        self._agreement = None
 
     def abort(self) -> None:
         """Stop the move: no further layer commits; committed layers stay committed.
@@ -573,14 +472,6 @@ class ExpertMover:
         """
         self._todo.clear()
         failure = None
-        if self._agreement is not None:
-            # Every rank posted it in the same step(): wait for it so that no collective is
-            # left pending; its result no longer matters.
-            posted, self._agreement = self._agreement, None
-            try:
-                posted.result()
-            except ExpertMoveError as err:
-                failure = err
         for flight in self._inflight:
             try:
                 if flight.thread is not None:

@@ -228,49 +228,6 @@ def _wait_works(works: Sequence[object], deadline: float, polls: bool) -> None:
         raise failure
 
 
-class PostedExchange:
-    """An all-reduce of every rank's ``row`` (ints), posted without waiting.
-
-    The table is a CPU int64 ``[size, len(row)]`` (same on all ranks) once :meth:`result`
-    returned. On a CPU (gloo) group the all-reduce completes in gloo's background thread, so
-    posting in one ``step()`` and reading the result in the next costs the host almost nothing.
-    """
-
-    def __init__(self, comm: Comm, row: Sequence[int], timeout: float) -> None:
-        self.comm, self.timeout = comm, timeout
-        self.deadline = time.monotonic() + timeout
-        table = torch.zeros(comm.size, len(row), dtype=torch.int64)
-        table[comm.rank] = torch.tensor(list(row), dtype=torch.int64)
-        self.work: object | None = None
-        if comm.group is not None:
-            table = table.to(comm.flag_device)
-            try:
-                self.work = dist.all_reduce(table, group=comm.group, async_op=True)
-            except Exception as err:
-                raise self._error(err) from err
-        self.table = table
-
-    def _error(self, err: BaseException) -> ExpertMoveError:
-        return ExpertMoveError(
-            f"rank {self.comm.rank}: the ranks could not agree within {self.timeout:g} s "
-            f"({err}); live weights unchanged, the process group may be unusable"
-        )
-
-    def result(self) -> torch.Tensor:
-        """Wait (until the deadline set when it was posted) and return the table.
-
-        Raises:
-            ExpertMoveError: the collective failed or did not complete by the deadline.
-        """
-        if self.work is not None:
-            try:
-                _wait_works([self.work], self.deadline, self.comm.polls)
-            except Exception as err:
-                raise self._error(err) from err
-            self.work = None
-        return self.table.cpu()
-
-
 def exchange(comm: Comm, row: Sequence[int], timeout: float) -> torch.Tensor:
     """Every rank's ``row`` (ints): a CPU int64 ``[size, len(row)]`` table, same on all ranks.
 
@@ -280,7 +237,20 @@ def exchange(comm: Comm, row: Sequence[int], timeout: float) -> torch.Tensor:
     Raises:
         ExpertMoveError: the collective failed or did not complete within ``timeout`` seconds.
     """
-    return PostedExchange(comm, row, timeout).result()
+    table = torch.zeros(comm.size, len(row), dtype=torch.int64)
+    table[comm.rank] = torch.tensor(list(row), dtype=torch.int64)
+    if comm.group is None:
+        return table
+    table = table.to(comm.flag_device)
+    try:
+        work = dist.all_reduce(table, group=comm.group, async_op=True)
+        _wait_works([work], time.monotonic() + timeout, comm.polls)
+    except Exception as err:
+        raise ExpertMoveError(
+            f"rank {comm.rank}: the ranks could not agree within {timeout:g} s ({err}); live "
+            "weights unchanged, the process group may be unusable"
+        ) from err
+    return table.cpu()
 
 
 def check_together(comm: Comm, bad: BaseException | None, fingerprint: int, timeout: float) -> None:
@@ -392,27 +362,6 @@ class LayerMove:
             len(recvs) * self.expert_bytes,
             len(copies) * self.expert_bytes,
         )
-        self.first_gathered = len(recvs)  # staging row of the first prestaged slot
-        self.num_send_rows = len(plan.sends[rank])
-        # Index lists (see index_lists): the slots packed into the buffer by one gather per
-        # weight kind (prestaged sources, then the rows to send, in buffer order); the commit
-        # writes the received rows straight from staging (one scatter per kind: each receive
-        # row has one destination), the other writes from staging rows (copies of a received
-        # or prestaged row: a gather, then a scatter per kind) and from live slots.
-        by_row = [0] * len(recvs)
-        for dst, row in recv_row.items():
-            by_row[row] = dst
-        more = [(dst, row) for dst, row, src in self.writes if row is not None and src is not None]
-        from_live = [(dst, src) for dst, row, src in self.writes if row is None]
-        self._lists = (
-            [slot for slot, _ in self.prestage] + [slot for _, sl in self.send_to for slot in sl],
-            by_row,
-            [dst for dst, _ in more],
-            [row for _, row in more],
-            [dst for dst, _ in from_live],
-            [src for _, src in from_live],
-        )
-        self.index: tuple[torch.Tensor, ...] | None = None  # the lists as device tensors
         self.staging: torch.Tensor | None = None
         self.packs: list[tuple[int, torch.Tensor]] = []
         self.works: list[object] = []
@@ -424,53 +373,29 @@ class LayerMove:
             return 0, 0
         return len(self.send_to), len(self.recv_from)
 
-    @property
-    def buffer_bytes(self) -> int:
-        """Bytes of staging and send buffer this rank needs for the layer (0: none)."""
-        if not self.expert_bytes:
-            return 0
-        return (self.num_rows + self.num_send_rows) * self.expert_bytes
+    def _pack(self, out: torch.Tensor, slot: int) -> None:
+        """Copy the bytes of every weight kind of local ``slot`` into the uint8 row ``out``."""
+        for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
+            if size:
+                out[offset : offset + size].copy_(rows[slot])
 
-    def index_lists(self) -> tuple[list[int], ...]:
-        """(gathered slots, the destination of each receive row, destinations of copies from
-        staging, their staging rows, destinations of copies from live slots, those live
-        source slots): six lists of ints."""
-        return self._lists
-
-    def _indices(self) -> tuple[torch.Tensor, ...]:
-        if self.index is None:
-            set_indices([self], self.rows[0].device)
-        return self.index
-
-    def stage(self, buffer: torch.Tensor | None = None) -> None:
-        """Lay the staging rows and the send buffers out in ``buffer`` (a uint8 ``[n]`` tensor
-        of at least :attr:`buffer_bytes` bytes on the weights' device, reused by the caller;
-        None: allocate one), then stage overwritten copy sources and pack the rows to send:
-        one gather per weight kind, queued on the current stream."""
+    def stage(self) -> None:
+        """Allocate staging and send buffers (on the current stream), stage overwritten copy
+        sources and pack the rows to send (device-to-device copies, queued)."""
+        device = self.rows[0].device
+        if self.num_rows:
+            self.staging = torch.empty(
+                (self.num_rows, self.expert_bytes), dtype=torch.uint8, device=device
+            )
+            for slot, row in self.prestage:
+                self._pack(self.staging[row], slot)
         self.packs = []
-        self.staging = None
-        size = self.buffer_bytes
-        if not size:
-            return
-        if buffer is None:
-            buffer = torch.empty(size, dtype=torch.uint8, device=self.rows[0].device)
-        elif buffer.numel() < size:
-            raise ValueError(f"staging buffer of {buffer.numel()} bytes, {size} needed")
-        block = buffer[:size].view(-1, self.expert_bytes)
-        self.staging = block[: self.num_rows]
-        gather = self._indices()[0]
-        if self._lists[0]:
-            out = block[self.first_gathered :]
-            if len(self.rows) == 1:
-                torch.index_select(self.rows[0], 0, gather, out=out)
-            else:
-                for rows, (offset, width) in zip(self.rows, self.spans, strict=True):
-                    if width:
-                        out[:, offset : offset + width].copy_(rows.index_select(0, gather))
-        first = self.num_rows
-        for dst, slots in self.send_to:
-            self.packs.append((dst, block[first : first + len(slots)]))
-            first += len(slots)
+        if self.expert_bytes:
+            for dst, slots in self.send_to:
+                buf = torch.empty((len(slots), self.expert_bytes), dtype=torch.uint8, device=device)
+                for j, slot in enumerate(slots):
+                    self._pack(buf[j], slot)
+                self.packs.append((dst, buf))
 
     def _ops(self) -> list[dist.P2POp]:
         """One send per receiving peer (its packed buffer) and one receive per sending peer
@@ -507,25 +432,12 @@ class LayerMove:
         _wait_works(self.works, deadline, self.comm.polls)
 
     def commit(self) -> None:
-        """Write the new content of every changed slot (queued on the current stream): one
-        scatter per weight kind from staging, one gather-scatter per kind from live slots."""
-        if not self.expert_bytes:
-            return
-        _, recv_dst, more_dst, more_rows, live_dst, live_src = self._indices()
-        sources = []
-        if self._lists[1]:
-            sources.append((recv_dst, self.staging[: len(self._lists[1])]))
-        if self._lists[2]:
-            sources.append((more_dst, self.staging.index_select(0, more_rows)))
-        for dst, source in sources:
-            for rows, (offset, width) in zip(self.rows, self.spans, strict=True):
-                if width:
-                    rows.index_copy_(0, dst, source[:, offset : offset + width])
-        if self._lists[4]:
-            # The live sources are slots that no write touches: any order is safe.
-            for rows, (_, width) in zip(self.rows, self.spans, strict=True):
-                if width:
-                    rows.index_copy_(0, live_dst, rows.index_select(0, live_src))
+        """Write the new content of every changed slot (queued on the current stream)."""
+        for dst, row, src in self.writes:
+            for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
+                if size:
+                    source = rows[src] if row is None else self.staging[row, offset : offset + size]
+                    rows[dst].copy_(source)
 
     def release(self) -> None:
         """Drop the buffers after a commit (their transfers have completed)."""
@@ -537,19 +449,6 @@ class LayerMove:
         if self.works and self.comm.polls:
             _ABANDONED.append((self.works, self.staging, self.packs))
         self.release()
-
-
-def set_indices(moves: Sequence[LayerMove], device: torch.device) -> None:
-    """Give every move its index tensors on ``device`` (``LayerMove.index``), all moves' lists
-    in one host-to-device copy: pinned and non-blocking on CUDA, so the host never waits for
-    the device here."""
-    lists = [lst for move in moves for lst in move.index_lists()]
-    flat = torch.tensor([i for lst in lists for i in lst], dtype=torch.int64)
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    parts = iter(flat.split([len(lst) for lst in lists]))
-    for move in moves:
-        move.index = tuple(next(parts) for _ in move.index_lists())
 
 
 def layer_plan(

@@ -9,7 +9,6 @@ own, keyed by the slot, so a write into a slot that should stay untouched shows 
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import random
 import socket
@@ -207,31 +206,10 @@ def _async_moves(
             assert equal_weights(weights[i], expect), f"layer {i} (committed: {i in done})"
         time.sleep(0.002)  # a forward pass
     assert mover.done and sorted(done) == list(range(len(cases))), (done, mover.pending)
-    # The first step() only posts the readiness exchange: commits lag one step() behind it.
-    assert steps[0] == [], steps
-    _check_pool(mover, cases, rank, world, kinds, max_in_flight)
     phases = mover.stats.phases
     assert all(t >= 0 for t in phases.values()), phases
     stats = mover.stats
     return steps, stats.bytes_received, stats.bytes_sent, mover.transfer_config, sorted(phases)
-
-
-def _check_pool(mover, cases: list, rank: int, world: int, kinds, max_in_flight: int) -> None:
-    """The staging pool was allocated once for all layers, and holds max_in_flight slots of
-    the largest layer: at least its received and sent rows, at most those plus one row per
-    local copy, rounded up to 512 bytes."""
-    from eplb import plan_moves
-
-    expert_bytes = sum(math.prod(shape) * dtype.itemsize for dtype, shape in kinds)
-    low = high = 0
-    for old, new in cases:
-        plan = plan_moves(old, new, world)
-        rows = len(plan.recvs[rank]) + len(plan.sends[rank])
-        low = max(low, rows * expert_bytes)
-        high = max(high, -(-(rows + len(plan.copies[rank])) * expert_bytes // 512) * 512)
-    slots = min(max_in_flight, len(cases))
-    assert mover.pool_allocations == (1 if high else 0), mover.pool_allocations
-    assert slots * low <= mover.staging_bytes <= slots * high, (mover.staging_bytes, low, high)
 
 
 # ExpertMover runs: (max_layers_in_flight, seed index, constructor options). On NCCL the
