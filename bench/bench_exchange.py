@@ -32,11 +32,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_lplb import eager_times, gpu_tag, topk_idx, versions
+from bench_lplb import eager_times, gpu_tag, graph_times, topk_idx, versions
 
 from eplb.fileio import atomic_write_text
 from lplb import Planner, comm, ring, torus_2d
@@ -55,38 +54,6 @@ NVLS_OFF = {
 SINGLE_HOST_ENV = {"NVSHMEM_REMOTE_TRANSPORT": "none"}
 
 
-def graph_us(fn: Callable[[], object], calls: int, replays: int) -> float:
-    """Median per-call GPU time of ``fn`` captured ``calls`` times in one CUDA graph, in us.
-
-    Every rank runs the same sequence (the calls are collectives). The capture is thread-local,
-    so that NCCL's watchdog thread may keep polling its events meanwhile.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        for _ in range(calls):
-            fn()
-    for _ in range(10):
-        graph.replay()
-    torch.cuda.synchronize()
-    dist.barrier()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / calls)
-    return float(np.median(times))
-
-
 def _measure(planner: Planner, idx: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
     """Exchange, exchange + solve and run of one Planner, eagerly and in a graph, in us."""
     device = idx.device
@@ -103,7 +70,14 @@ def _measure(planner: Planner, idx: torch.Tensor, args: argparse.Namespace) -> d
     for name, fn in fns.items():
         dist.barrier()
         out[f"{name}_eager_us"] = eager_times(fn)["median_us"]
-        out[f"{name}_graph_us"] = graph_us(fn, args.calls, args.replays)
+        # Every rank replays the same collectives: capture thread-local, start timing together.
+        out[f"{name}_graph_us"] = graph_times(
+            fn,
+            args.calls,
+            args.replays,
+            capture_error_mode="thread_local",
+            before_timing=dist.barrier,
+        )["median_us"]
     return out
 
 

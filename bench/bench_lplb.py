@@ -113,8 +113,20 @@ def eager_times(fn: Callable[[], object]) -> dict[str, float]:
     }
 
 
-def graph_times(fn: Callable[[], object], calls: int) -> dict[str, float]:
-    """Per-call GPU time of ``fn`` captured ``calls`` times in one CUDA graph, in us."""
+def graph_times(
+    fn: Callable[[], object],
+    calls: int,
+    replays: int = GRAPH_REPLAYS,
+    *,
+    capture_error_mode: str = "global",
+    before_timing: Callable[[], object] | None = None,
+) -> dict[str, float]:
+    """Per-call GPU time of ``fn`` captured ``calls`` times in one CUDA graph, in us.
+
+    ``capture_error_mode`` goes to ``torch.cuda.graph`` (collectives need ``"thread_local"`` so
+    NCCL's watchdog thread may keep polling); ``before_timing`` runs after the warm-up replays,
+    once the device is idle (e.g. a barrier so every rank times the same replays).
+    """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -123,14 +135,17 @@ def graph_times(fn: Callable[[], object], calls: int) -> dict[str, float]:
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
         for _ in range(calls):
             fn()
     for _ in range(GRAPH_WARMUP):
         graph.replay()
+    if before_timing is not None:
+        torch.cuda.synchronize()
+        before_timing()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(GRAPH_REPLAYS):
+    for _ in range(replays):
         start.record()
         graph.replay()
         end.record()
