@@ -343,14 +343,25 @@ class Planner:
             raise ValueError(
                 f"workload must have shape [{self.n_logical}], got {tuple(workload.shape)}"
             )
+        probs, workload = self._solve(workload, avail_counter)
+        shape = (self.n_group, self.group_size, self.n_local_logical)
+        return probs, workload.to(torch.float32).view(shape)
+
+    def _solve(
+        self, workload: torch.Tensor, avail_counter: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exchange (when the Planner has a group) and solve: probs and the summed [E] workload.
+
+        ``run`` calls this rather than ``solve_probs``: it needs no float32 copy of the workload,
+        which would be one more kernel in every captured graph.
+        """
         if self._exchange is not None:
             workload = self._exchange(workload)
         maps = self._device_maps(workload.device)
         probs = torch.ops.lplb.solve(
             workload, maps.phy2log, maps.r2o, maps.o2r, avail_counter, self._layout_ints
         )
-        shape = (self.n_group, self.group_size, self.n_local_logical)
-        return probs, workload.to(torch.float32).view(shape)
+        return probs, workload
 
     def weighted_select_target(
         self,
@@ -421,5 +432,6 @@ class Planner:
         if n_sms is None:
             n_sms = self._default_n_sms(idx.device)
         workload, workload_by_sm = self.count_workload(idx, n_sms)
-        probs, _ = self.solve_probs(workload, avail_counter)
+        int_tensor("avail_counter", avail_counter, dtypes=ops.INDEX_DTYPES)
+        probs, _ = self._solve(workload, avail_counter)
         return self.weighted_select_target(idx, probs, workload_by_sm, n_sms)
