@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 if TYPE_CHECKING:
     from lplb.planner import Planner
@@ -174,8 +173,8 @@ class FastPath:
         ):
             return planner._run_ops(idx, avail_counter, n_sms)  # raises if they are bad
         out = torch.empty_like(idx)
-        exchange = getattr(planner, "_exchange", None)
-        if exchange is None and planner.group is None:
+        exchange = planner._exchange
+        if exchange is None:
             launched = plan.launcher.run(
                 idx.data_ptr(),
                 plan.idx_int64,
@@ -187,7 +186,7 @@ class FastPath:
             )
         else:
             launched = self._run_summed(
-                planner, plan, exchange, idx, out, avail_counter, avail_int64, stream
+                plan, exchange, idx, out, avail_counter, avail_int64, stream
             )
         if not launched:  # the stream is being captured into a CUDA graph
             return planner._run_ops(idx, avail_counter, n_sms)
@@ -195,9 +194,8 @@ class FastPath:
 
     def _run_summed(
         self,
-        planner: Planner,
         plan: _Plan,
-        exchange: Callable[[torch.Tensor], torch.Tensor] | None,
+        exchange: Callable[[torch.Tensor], torch.Tensor],
         idx: torch.Tensor,
         out: torch.Tensor,
         avail_counter: torch.Tensor,
@@ -208,14 +206,8 @@ class FastPath:
         idx_ptr, n = idx.data_ptr(), idx.numel()
         if not plan.launcher.count(idx_ptr, plan.idx_int64, n, stream):
             return False
-        if exchange is not None:
-            total = exchange(plan.workload)
-            self._check_exchanged(total, plan)
-        else:
-            # The buffer is the plan's own, so it is summed in place (the custom-op path sums a
-            # copy because there the caller owns the workload).
-            dist.all_reduce(plan.workload, group=planner.group)
-            total = plan.workload
+        total = exchange(plan.workload)
+        self._check_exchanged(total, plan)
         plan.launcher.solve_map(
             total.data_ptr(),
             self._codes[total.dtype],

@@ -401,26 +401,6 @@ def test_bad_exchange_result_raises(result: object, error: type[Exception]) -> N
         planner.run(idx, counter, 4)
 
 
-def test_group_sums_the_plan_workload_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
-    planner = _planner()
-    backend, _ = _attach(planner)
-    idx, counter = _idx(12), torch.zeros(1, dtype=torch.int64)
-    planner.run(idx, counter, 4)
-    group = object()
-    calls = []
-
-    def all_reduce(tensor: torch.Tensor, group: object) -> None:
-        calls.append(group)
-        backend.log.append("all_reduce")
-        tensor.mul_(2).add_(1)  # what a sum over ranks would do to this rank's counts, say
-
-    monkeypatch.setattr(lplb.fast_path, "dist", types.SimpleNamespace(all_reduce=all_reduce))
-    planner.group = group
-    out = planner.run(idx, counter, 4)
-    assert calls == [group] and backend.log == ["count", "all_reduce", "solve_map"]
-    assert torch.equal(out, _oracle(planner, idx, 4, lambda w: w * 2 + 1)[0])
-
-
 def test_cache_is_bounded_and_copies_start_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     assert MAX_PLANS == 64
     monkeypatch.setattr(lplb.fast_path, "MAX_PLANS", 3)
