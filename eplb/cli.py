@@ -71,8 +71,8 @@ Run = Callable[[argparse.Namespace], "int | None"]
 # ------------------------------------------------------------------------------- helpers
 
 
-def _positive(text: str) -> int:
-    """``argparse`` type: a positive integer."""
+def positive_arg(text: str) -> int:
+    """``argparse`` type: a positive integer (also used by ``python -m lplb.demo``)."""
     try:
         value = int(text)
     except ValueError:
@@ -167,7 +167,7 @@ def add_generate_map(parser: argparse.ArgumentParser) -> None:
         "--num_replicas",
         "--num-replicas",
         required=True,
-        type=_positive,
+        type=positive_arg,
         metavar="N",
         help="physical experts per layer, originals included",
     )
@@ -175,7 +175,7 @@ def add_generate_map(parser: argparse.ArgumentParser) -> None:
         "--num_groups",
         "--num-groups",
         required=True,
-        type=_positive,
+        type=positive_arg,
         metavar="G",
         help="expert groups (must divide the experts)",
     )
@@ -183,7 +183,7 @@ def add_generate_map(parser: argparse.ArgumentParser) -> None:
         "--num_nodes",
         "--num-nodes",
         required=True,
-        type=_positive,
+        type=positive_arg,
         metavar="M",
         help="server nodes (must divide --num_gpus)",
     )
@@ -191,7 +191,7 @@ def add_generate_map(parser: argparse.ArgumentParser) -> None:
         "--num_gpus",
         "--num-gpus",
         required=True,
-        type=_positive,
+        type=positive_arg,
         metavar="P",
         help="GPUs (devices) in expert parallelism",
     )
@@ -317,7 +317,7 @@ def add_inspect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num_gpus",
         "--num-gpus",
-        type=_positive,
+        type=positive_arg,
         metavar="P",
         help="GPUs; needed for an SGLang map, must match a MindSpeed-RL map's device count",
     )
@@ -497,7 +497,7 @@ def add_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num_gpus",
         "--num-gpus",
-        type=_positive,
+        type=positive_arg,
         metavar="P",
         help="devices of a MindSpeed-RL map written from an SGLang map",
     )

@@ -91,13 +91,6 @@ STRATEGIES = (
 # ------------------------------------------------------------------------------- arguments
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _non_negative(text: str) -> float:
     value = float(text)
     if not value >= 0.0:
@@ -113,15 +106,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--ranks", type=_positive, default=32, help="expert-parallel ranks (GPUs)")
-    add("--experts", type=_positive, default=256, help="logical experts of the MoE layer")
-    add("--topk", type=_positive, default=8, help="experts per token")
-    add("--tokens", type=_positive, default=4096, help="tokens per batch (per EP group)")
-    add("--batches", type=_positive, default=150, help="batches of step 3")
-    add("--collect-batches", type=_positive, default=20, help="batches collected in step 1")
+    add("--ranks", type=eplb_cli.positive_arg, default=32, help="expert-parallel ranks (GPUs)")
+    add(
+        "--experts",
+        type=eplb_cli.positive_arg,
+        default=256,
+        help="logical experts of the MoE layer",
+    )
+    add("--topk", type=eplb_cli.positive_arg, default=8, help="experts per token")
+    add(
+        "--tokens", type=eplb_cli.positive_arg, default=4096, help="tokens per batch (per EP group)"
+    )
+    add("--batches", type=eplb_cli.positive_arg, default=150, help="batches of step 3")
+    add(
+        "--collect-batches",
+        type=eplb_cli.positive_arg,
+        default=20,
+        help="batches collected in step 1",
+    )
     add(
         "--redundant",
-        type=_positive,
+        type=eplb_cli.positive_arg,
         default=2,
         help="redundant slots per rank (EPLB replicas and LPLB copies alike)",
     )
@@ -129,7 +134,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--sigma", type=_non_negative, default=0.6, help="std. dev. of the log-popularity")
     add("--drift", type=_non_negative, default=0.003, help="per-batch drift of the popularity")
     add("--batch-noise", type=_non_negative, default=0.2, help="per-batch log-popularity noise")
-    add("--interval", type=_positive, default=20, help="batches between manager decisions")
+    add(
+        "--interval",
+        type=eplb_cli.positive_arg,
+        default=20,
+        help="batches between manager decisions",
+    )
     add(
         "--threshold",
         type=float,
@@ -140,7 +150,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where LPLB runs")
     add(
         "--threads",
-        type=_positive,
+        type=eplb_cli.positive_arg,
         default=1,
         help="torch CPU threads (the CPU backend's ops are small: more threads mostly add "
         "synchronisation)",
