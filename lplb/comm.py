@@ -9,10 +9,12 @@ of the group must call it the same number of times, in the same order, like any 
 * ``AllReduceExchange``: ``torch.distributed.all_reduce`` (NCCL on GPUs, gloo on CPUs) on a copy;
   functional collectives while ``torch.compile`` traces.
 * ``NvshmemExchange``: the device-side NVSHMEM exchange of ``lplb._nvshmem``
-  (csrc/lplb/exchange.cu): one kernel puts this rank's counts into every peer's symmetric buffer
-  with a signal, waits for the peers' signals and sums. It needs the build option
-  ``LPLB_NVSHMEM`` and a runtime started by ``init_nvshmem_runtime`` (unique-id bootstrap over a
-  torch.distributed group) or ``attach_deep_ep`` (the NVSHMEM runtime DeepEP started).
+  (csrc/lplb/exchange.cu): one kernel stores this rank's counts into every peer's symmetric
+  buffer, tagged with the call number (put with signal over a proxy transport such as
+  InfiniBand), waits until the peers' counts of this call are there and sums. It needs the
+  build option ``LPLB_NVSHMEM`` and a runtime started by ``init_nvshmem_runtime`` (unique-id
+  bootstrap over a torch.distributed group) or ``attach_deep_ep`` (the NVSHMEM runtime DeepEP
+  started).
 """
 
 from __future__ import annotations
@@ -253,14 +255,26 @@ class NvshmemExchange:
     Args:
         group: the group the runtime was started over (used to check n on every rank).
         n: experts per workload (the Planner's E).
+        protocol: "auto" (load/store when every peer is reachable by loads and stores, i.e. one
+            NVLink or PCIe host, else put with signal) or "put_signal" (always; the protocol
+            for peers behind a network, which a single-host test can exercise this way).
+            docs/exchange.md, "One call".
     """
 
-    def __init__(self, group: dist.ProcessGroup, n: int) -> None:
+    PROTOCOLS = ("auto", "put_signal")
+
+    def __init__(self, group: dist.ProcessGroup, n: int, protocol: str = "auto") -> None:
+        if protocol not in self.PROTOCOLS:
+            raise ValueError(f"protocol must be one of {self.PROTOCOLS}, got {protocol!r}")
         if _runtime is None:
             raise RuntimeError("NVSHMEM is not started: call init_nvshmem_runtime(group) first")
-        sizes = _all_gather(group, n)
-        if len(set(sizes)) != 1:
+        settings = _all_gather(group, (n, protocol))
+        if len({size for size, _ in settings}) != 1:
+            sizes = [size for size, _ in settings]
             raise ValueError(f"every rank must exchange the same number of experts, got {sizes}")
+        if len({p for _, p in settings}) != 1:
+            protocols = [p for _, p in settings]
+            raise ValueError(f"every rank must use the same protocol, got {protocols}")
         self.group = group
         self.n = n
         self.device = torch.device("cuda", _current_device())
@@ -268,7 +282,8 @@ class NvshmemExchange:
             raise RuntimeError(
                 f"NVSHMEM runs on cuda:{_runtime.device}, but the current device is {self.device}"
             )
-        self.buffers = _module().allocate(self.device.index, n)
+        self._ext = _module()
+        self.buffers = self._ext.allocate(self.device.index, n, protocol == "auto")
         self.handle = len(_buffers)
         _buffers.append(self.buffers)
         self.sequence = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -289,3 +304,16 @@ class NvshmemExchange:
                 f"workload is on {workload.device}, but the NVSHMEM exchange lives on {self.device}"
             )
         return torch.ops.lplb.nvshmem_sum(workload, self.sequence, self.handle)
+
+    def sum_into(self, workload: int, out: int, stream: int) -> None:
+        """Launch the exchange kernel on raw addresses, without a custom-op dispatch: the eager
+        fast path's call (lplb/fast_path.py), which has already checked what ``__call__``
+        checks.
+
+        Args:
+            workload: address of this rank's [n] int32 counts on this exchange's GPU.
+            out: address of the [n] int32 result on the same GPU.
+            stream: handle of the CUDA stream to launch on.
+        """
+        sequence = self.sequence.data_ptr()
+        self._ext.sum(self.device.index, self.buffers, workload, out, sequence, stream)

@@ -1,10 +1,11 @@
 """Workload exchange on GPUs, one process per GPU with an NCCL process group, 2 and 4 ranks.
 
 Both exchanges of lplb/comm.py: the all-reduce (NCCL) and, when lplb was built with NVSHMEM
-(LPLB_NVSHMEM=1), the device-side NVSHMEM exchange. For each: Planner.run and solve_probs
-eagerly, in a CUDA graph replayed with new idx and under torch.compile(fullgraph=True); then
-10,000 exchange calls back to back, eagerly and in a CUDA graph, with one rank made to lag on
-every call, each checked on the device against the known sum.
+(LPLB_NVSHMEM=1), the device-side NVSHMEM exchange with each of its two protocols. For each:
+Planner.run and solve_probs eagerly, in a CUDA graph replayed with new idx and under
+torch.compile(fullgraph=True); then 10,000 exchange calls back to back, eagerly and in a CUDA
+graph, with one rank made to lag on every call, each checked on the device against the known
+sum.
 
 Oracle: every rank's counts by torch.bincount, gathered with NCCL and summed in a plain loop,
 solved and mapped by a single-process Planner (no group) with the same CUDA kernels, so probs
@@ -35,7 +36,9 @@ COMPILED_CALLS = 2
 MIXUP_CALLS = 10_000
 SKEW_CYCLES = 20_000  # torch.cuda._sleep of ~10 us: the lagging rank of a call starts late
 TOPOLOGIES = {2: {"ring(2)": ring(2)}, 4: {"ring(4)": ring(4), "torus_2d(2,2)": torus_2d(2, 2)}}
-MODES = ("nccl", "nvshmem")
+# nvshmem: the load/store protocol (every peer on this host); nvshmem_put_signal: the protocol
+# for peers behind a network, forced here so that one host tests it too.
+MODES = ("nccl", "nvshmem", "nvshmem_put_signal")
 # One host: NVSHMEM reaches every peer over NVLink, so no remote transport is initialised.
 SINGLE_HOST_ENV = {"NVSHMEM_REMOTE_TRANSPORT": "none"}
 
@@ -119,8 +122,12 @@ def _mixups(planner: Planner, rank: int, world: int, device: torch.device) -> di
 def _check(rank: int, world: int, r2o: torch.Tensor, mode: str, extended: bool) -> dict:
     device = torch.device("cuda", rank)
     planner = Planner(r2o, N_LOGICAL + 2 * world, N_LOGICAL, group=dist.group.WORLD)
-    if mode == "nvshmem":
+    if mode.startswith("nvshmem"):
         planner.init_nvshmem()
+        if mode == "nvshmem_put_signal":
+            planner._exchange = comm.NvshmemExchange(
+                dist.group.WORLD, N_LOGICAL, protocol="put_signal"
+            )
     single = Planner(r2o, N_LOGICAL + 2 * world, N_LOGICAL, ep_size=world)
     rec: dict = {"probs": [], "expected_probs": [], "global": [], "run": [], "counters": []}
     calls = 0  # exchange calls of this planner, to check NVSHMEM's device-side counter
@@ -175,8 +182,9 @@ def _check(rank: int, world: int, r2o: torch.Tensor, mode: str, extended: bool) 
             rec["compiled"].append(_check_mapping(single, idx, out, expected_probs))
         rec["mixups"] = _mixups(planner, rank, world, device)
         calls += 2 * MIXUP_CALLS
-    if mode == "nvshmem":
+    if mode.startswith("nvshmem"):
         rec["sequence"] = (int(planner._exchange.sequence), calls)
+        rec["load_store"] = planner._exchange.buffers.load_store
     return rec
 
 
@@ -198,7 +206,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         try:
             import lplb._nvshmem  # noqa: F401
 
-            record["modes"].append("nvshmem")
+            record["modes"] += ["nvshmem", "nvshmem_put_signal"]
         except ImportError as err:
             record["nvshmem_error"] = str(err)
         first = next(iter(TOPOLOGIES[world]))
@@ -264,9 +272,10 @@ def test_run_conserves_tokens_and_matches_single_process_mapping(records: tuple,
                         phase,
                         i,
                     )
-            if mode == "nvshmem":
+            if mode.startswith("nvshmem"):
                 counted, expected = rec["sequence"]
                 assert counted == expected, (key, rank)  # one device-side step per call
+                assert rec["load_store"] == (mode == "nvshmem"), (key, rank)
 
 
 @pytest.mark.parametrize("mode", MODES)

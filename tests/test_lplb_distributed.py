@@ -199,6 +199,9 @@ def test_nvshmem_entry_points_reject_bad_arguments() -> None:
         with pytest.raises(TypeError, match=r"deep_ep\.Buffer"):
             planner.init_from_deep_ep(object())
     assert planner._exchange is None and planner.group is None
+    # The protocol is checked before anything collective or NVSHMEM-specific happens.
+    with pytest.raises(ValueError, match=r"protocol.*'ll'"):
+        comm.NvshmemExchange(None, 4, protocol="ll")
 
 
 class _FakeNvshmem(types.ModuleType):

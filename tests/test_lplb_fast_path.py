@@ -382,6 +382,43 @@ def test_exchange_runs_between_count_and_solve() -> None:
     assert torch.equal(out, expected)
 
 
+class _AddressExchange:
+    """An exchange with ``sum_into`` (like NvshmemExchange): out = 2 * workload + e, on raw
+    addresses; ``__call__`` must not be used by the fast path."""
+
+    def __init__(self, log: list[str], device: torch.device) -> None:
+        self.log = log
+        self.device = device
+
+    def __call__(self, workload: torch.Tensor) -> torch.Tensor:
+        self.log.append("call")
+        return workload * 2 + torch.arange(N_LOGICAL, dtype=torch.int32)
+
+    def sum_into(self, workload: int, out: int, stream: int) -> None:
+        self.log.append("sum_into")
+        source = _view(workload, torch.int32, (N_LOGICAL,))
+        _view(out, torch.int32, (N_LOGICAL,)).copy_(source * 2 + torch.arange(N_LOGICAL))
+
+
+def test_exchange_with_sum_into_skips_the_call() -> None:
+    planner = _planner()
+    backend, _ = _attach(planner)
+    idx, counter = _idx(12), torch.zeros(1, dtype=torch.int64)
+    planner.run(idx, counter, 4)
+    planner._exchange = _AddressExchange(backend.log, torch.device("cpu"))
+    first = planner.run(idx, counter, 4)
+    second = planner.run(idx, counter, 4)
+    assert backend.log == ["count", "sum_into", "solve_map"] * 2
+    expected, _ = _oracle(planner, idx, 4, lambda w: w * 2 + torch.arange(N_LOGICAL))
+    assert torch.equal(first, expected)
+    assert torch.equal(second, expected)
+    # On another device than the workload's, the exchange is called as a function instead.
+    backend.log.clear()
+    planner._exchange = _AddressExchange(backend.log, torch.device("meta"))
+    assert torch.equal(planner.run(idx, counter, 4), expected)
+    assert backend.log == ["count", "call", "solve_map"]
+
+
 @pytest.mark.parametrize(
     "result, error",
     [

@@ -20,10 +20,12 @@ struct Buffers {
   std::int32_t* recv = nullptr;     // [2 parities][world][n]: slot [parity][source rank]
   std::uint64_t* signal = nullptr;  // [2 parities][world]: last sequence number put by a source
   std::int32_t* send = nullptr;     // [n]: this rank's counts, the source of its puts
+  std::uint64_t* words = nullptr;   // [2 parities][world][n]: (sequence << 32 | count) words of
+                                    // the load/store protocol, slot [parity][source]
   int n = 0;                        // experts per workload
   int rank = 0;                     // this PE
   int world = 0;                    // number of PEs
-  bool all_p2p = false;             // every peer reachable by loads/stores (NVLink or PCIe P2P)
+  bool load_store = false;          // the load/store protocol, else put with signal (exchange.cu)
 };
 
 // NVSHMEM's unique id (nvshmemx_get_uniqueid) as opaque bytes, to be broadcast from rank 0.
@@ -41,7 +43,9 @@ std::pair<int, int> init(int device, const std::string& uid, int rank, int world
 std::pair<int, int> attach(int device);
 
 // Collective over all PEs: allocate and zero the symmetric buffers for workloads of n experts.
-Buffers allocate(int device, int n);
+// The exchange uses the load/store protocol when `allow_load_store` and every peer is reachable
+// by loads and stores (NVLink or PCIe P2P), else put with signal.
+Buffers allocate(int device, int n, bool allow_load_store);
 
 // Sum `input` [n] int32 over all PEs into `output` [n] int32 on `stream`. `sequence` is this
 // exchange's call counter (one uint64 in device memory, zero before the first call); the kernel

@@ -22,7 +22,7 @@ PYBIND11_MODULE(_nvshmem, m) {
       .def_readonly("n", &ex::Buffers::n)
       .def_readonly("rank", &ex::Buffers::rank)
       .def_readonly("world", &ex::Buffers::world)
-      .def_readonly("all_p2p", &ex::Buffers::all_p2p);
+      .def_readonly("load_store", &ex::Buffers::load_store);
 
   m.def(
       "unique_id", [] { return py::bytes(ex::unique_id()); },
@@ -39,7 +39,9 @@ PYBIND11_MODULE(_nvshmem, m) {
         "Register this module with an NVSHMEM runtime already initialised in the process "
         "(e.g. by DeepEP); returns (my_pe, n_pes).");
   m.def("allocate", &ex::allocate, py::arg("device"), py::arg("n"),
-        "Collective: symmetric buffers for workloads of n experts.");
+        py::arg("allow_load_store") = true,
+        "Collective: symmetric buffers for workloads of n experts; the load/store protocol when "
+        "allowed and every peer is reachable by loads and stores, else put with signal.");
   m.def(
       "sum",
       [](int device, const ex::Buffers& buffers, std::uintptr_t input, std::uintptr_t output,
