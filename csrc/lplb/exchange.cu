@@ -95,8 +95,7 @@ __device__ __forceinline__ void sum_load_store(const Buffers& b, const std::int3
       if (q == b.rank) {
         v = static_cast<std::uint32_t>(input[e]);
       } else {
-        const auto* src =
-            reinterpret_cast<const volatile std::uint64_t*>(slots + static_cast<std::size_t>(q) * b.n + e);
+        const volatile std::uint64_t* src = slots + static_cast<std::size_t>(q) * b.n + e;
         std::uint64_t word = *src;
         while (static_cast<std::uint32_t>(word >> 32) != tag) word = *src;
         v = static_cast<std::uint32_t>(word);
