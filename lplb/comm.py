@@ -268,13 +268,13 @@ class NvshmemExchange:
             raise ValueError(f"protocol must be one of {self.PROTOCOLS}, got {protocol!r}")
         if _runtime is None:
             raise RuntimeError("NVSHMEM is not started: call init_nvshmem_runtime(group) first")
-        settings = _all_gather(group, (n, protocol))
-        if len({size for size, _ in settings}) != 1:
-            sizes = [size for size, _ in settings]
-            raise ValueError(f"every rank must exchange the same number of experts, got {sizes}")
-        if len({p for _, p in settings}) != 1:
-            protocols = [p for _, p in settings]
-            raise ValueError(f"every rank must use the same protocol, got {protocols}")
+        sizes, protocols = zip(*_all_gather(group, (n, protocol)), strict=True)
+        if len(set(sizes)) != 1:
+            raise ValueError(
+                f"every rank must exchange the same number of experts, got {list(sizes)}"
+            )
+        if len(set(protocols)) != 1:
+            raise ValueError(f"every rank must use the same protocol, got {list(protocols)}")
         self.group = group
         self.n = n
         self.device = torch.device("cuda", _current_device())

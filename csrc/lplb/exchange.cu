@@ -70,6 +70,21 @@ __device__ __forceinline__ std::int32_t load_remote_written(const std::int32_t* 
   return *reinterpret_cast<const volatile std::int32_t*>(p);
 }
 
+// output[e] = sum over q = 0..world-1, in that fixed order, of peer q's count of e
+// (`peer_count(q, e)`, my own input for q = me). Unsigned arithmetic so that even a wrapped sum
+// is well defined and the same on every PE.
+template <typename PeerCount>
+__device__ __forceinline__ void sum_in_rank_order(const Buffers& b, const std::int32_t* input,
+                                                  std::int32_t* output, PeerCount peer_count) {
+  for (int e = threadIdx.x; e < b.n; e += blockDim.x) {
+    std::uint32_t total = 0;
+    for (int q = 0; q < b.world; ++q) {
+      total += q == b.rank ? static_cast<std::uint32_t>(input[e]) : peer_count(q, e);
+    }
+    output[e] = static_cast<std::int32_t>(total);
+  }
+}
+
 // Load/store protocol (see the top of the file): words to every peer, then spin and sum.
 __device__ __forceinline__ void sum_load_store(const Buffers& b, const std::int32_t* input,
                                                std::int32_t* output, std::uint64_t seq) {
@@ -87,23 +102,12 @@ __device__ __forceinline__ void sum_load_store(const Buffers& b, const std::int3
       dst[e] = (std::uint64_t{tag} << 32) | static_cast<std::uint32_t>(input[e]);
     }
   }
-  // Unsigned arithmetic so that even a wrapped sum is well defined and the same on every PE.
-  for (int e = tid; e < b.n; e += blockDim.x) {
-    std::uint32_t total = 0;
-    for (int q = 0; q < b.world; ++q) {
-      std::uint32_t v;
-      if (q == b.rank) {
-        v = static_cast<std::uint32_t>(input[e]);
-      } else {
-        const volatile std::uint64_t* src = slots + static_cast<std::size_t>(q) * b.n + e;
-        std::uint64_t word = *src;
-        while (static_cast<std::uint32_t>(word >> 32) != tag) word = *src;
-        v = static_cast<std::uint32_t>(word);
-      }
-      total += v;
-    }
-    output[e] = static_cast<std::int32_t>(total);
-  }
+  sum_in_rank_order(b, input, output, [&](int q, int e) {
+    const volatile std::uint64_t* src = slots + static_cast<std::size_t>(q) * b.n + e;
+    std::uint64_t word = *src;
+    while (static_cast<std::uint32_t>(word >> 32) != tag) word = *src;
+    return static_cast<std::uint32_t>(word);
+  });
 }
 
 // Put-with-signal protocol (see the top of the file), for peers behind a proxy transport.
@@ -132,15 +136,10 @@ __device__ __forceinline__ void sum_put_signal(const Buffers& b, const std::int3
   }
   __syncthreads();
 
-  for (int e = tid; e < b.n; e += blockDim.x) {
-    std::uint32_t total = 0;
-    for (int q = 0; q < b.world; ++q) {
-      const std::int32_t v =
-          q == b.rank ? input[e] : load_remote_written(slots + static_cast<std::size_t>(q) * b.n + e);
-      total += static_cast<std::uint32_t>(v);
-    }
-    output[e] = static_cast<std::int32_t>(total);
-  }
+  sum_in_rank_order(b, input, output, [&](int q, int e) {
+    return static_cast<std::uint32_t>(
+        load_remote_written(slots + static_cast<std::size_t>(q) * b.n + e));
+  });
   __syncthreads();  // every warp has issued its puts before thread 0 waits for their completion
   if (tid == 0) nvshmem_quiet();
 }
