@@ -1,24 +1,27 @@
 """CPU reference backend of LPLB: token counting, the batched LP solve, and token mapping.
 
-Implements exactly the contract of docs/lp.md in torch float64, so that it is the oracle the
-CUDA kernels are held to. All groups of a call are solved together: every tensor carries a
-leading batch dimension `B` (one LP per EP group) and the groups iterate in lockstep, a
-converged or failed group being frozen while the others continue.
+Implements exactly the contract of docs/lp.md in float64, so that it is the oracle the CUDA
+kernels are held to. Counting and mapping are batched torch code; the LP of each EP group is
+solved by the same augmenting-path steps as the kernel, in the same order of operations, on
+Python floats (a group has at most 32 ranks and 4 sets per rank).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["IpmResult", "count_idx", "group_loads", "ipm_solve", "map_idx", "solve"]
+__all__ = ["FlowResult", "count_idx", "flow_solve", "group_loads", "map_idx", "solve"]
 
-TOL = 1e-9
-MAX_ITER = 64
-# Fraction of the distance to the boundary taken by a step, keeping iterates interior.
-STEP_FRACTION = 0.99
-# Relative diagonal shift of the normal matrix: keeps Cholesky going when rows become
-# nearly dependent close to the optimum (several ranks at the maximum load).
-NORMAL_REG = 1e-14
+# Tolerances in scaled units (loads divided by the largest rank total), as in the kernel: a load
+# above t by more than TOL_EXCESS is "over"; a share below TOL_CAPACITY cannot move any more.
+TOL_EXCESS = 1e-12
+TOL_CAPACITY = 1e-13
+MAX_SEARCHES = 2048
+# Share of a set without tokens, and of every set of a failed group.
+EVEN_SHARE = 0.5
+# Lanes of the kernel's warp, whose butterfly sums the reference reproduces.
+WARP = 32
 
 
 def _chunk_of_entries(n: int, n_sms: int) -> torch.Tensor:
@@ -99,216 +102,176 @@ def group_loads(
 
 
 @dataclass
-class IpmResult:
-    """Outcome of `ipm_solve` for B groups.
+class FlowResult:
+    """Outcome of `flow_solve` for B groups.
 
     Attributes:
-        x: [B, G, D] float64 shares kept on the original rank; clamped to [0, 1] for solved
-            groups, 0.5 for failed ones.
-        converged: [B] bool, the group met the tolerance (or had no tokens).
-        iterations: [B] int64, IPM steps taken (the cap for groups that did not converge).
+        x: [B, G, D] float64 shares kept on the original rank, in [0, 1]; 0.5 for sets without
+            tokens and for every set of a failed group.
+        converged: [B] bool, the group reached the optimum (or had no tokens).
+        searches: [B] int64, path searches taken (the cap for groups that did not converge).
     """
 
     x: torch.Tensor
     converged: torch.Tensor
-    iterations: torch.Tensor
+    searches: torch.Tensor
 
 
-def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
-    """Largest alpha >= 0 with v + alpha * dv >= 0, per batch row ([B, K] -> [B], may be inf)."""
-    ratio = torch.where(dv < 0, -v / dv, torch.full_like(v, torch.inf))
-    return ratio.amin(-1)
+def _warp_sum(values: list[float]) -> float:
+    """Sum in the order of the kernel's 32-lane xor butterfly (lanes beyond the list add 0)."""
+    v = values + [0.0] * (WARP - len(values))
+    step = WARP // 2
+    while step:
+        v = [v[i] + v[i ^ step] for i in range(WARP)]
+        step //= 2
+    return v[0]
 
 
-def _step_lengths(
-    point: tuple[torch.Tensor, ...], step: tuple[torch.Tensor, ...], fraction: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Primal and dual step lengths: min(1, fraction * largest step keeping the side >= 0).
-
-    Args:
-        point: (z, w, zeta, nu), step: (dz, dw, dzeta, dnu), each [B, K] float64.
-
-    Returns:
-        a_p, a_d: [B] float64.
-    """
-    z, w, zeta, nu = point
-    dz, dw, dzeta, dnu = step
-    primal = _max_step(torch.cat([z, w], 1), torch.cat([dz, dw], 1))
-    dual = _max_step(torch.cat([zeta, nu], 1), torch.cat([dzeta, dnu], 1))
-    return (fraction * primal).clamp(max=1.0), (fraction * dual).clamp(max=1.0)
-
-
-def _lp_matrices(
-    w: torch.Tensor, f: torch.Tensor, r2o: torch.Tensor, o2r: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standard-form data of the scaled LPs.
+def _solve_group(
+    w: list[list[float]],
+    f: list[float],
+    r2o: list[list[int]],
+    o2r: list[list[int]],
+    max_searches: int,
+) -> tuple[list[list[float]], bool, int]:
+    """One group's LP by augmenting paths (docs/lp.md, "Solver"), operation for operation as the
+    kernel's lanes do it, so that both reach the same shares.
 
     Args:
-        w: [B, G, D] float64, f: [B, G] float64 (already scaled), r2o/o2r: [G, D] int64.
+        w: G rows of D replicated-set loads, f: G fixed loads (unscaled, finite or not).
+        r2o, o2r: G rows of D ranks.
 
     Returns:
-        M: [B, G, N] float64, `[B | 1 | -I]` with N = G * D + 1 + G.
-        c: [B, G] float64 right-hand side.
+        (x as G rows of D shares, converged, searches taken).
     """
-    b, g, d = w.shape
-    n = g * d
-    wf = w.reshape(b, n)
-    cols = torch.arange(n)
-    bmat = torch.zeros(b, g, n, dtype=torch.float64)
-    bmat[:, torch.arange(g).repeat_interleave(d), cols] = -wf
-    bmat[:, o2r.reshape(-1), cols] = wf
-    c = f + w[:, r2o, torch.arange(d)].sum(-1)
-    eye = torch.eye(g, dtype=torch.float64).expand(b, g, g)
-    m = torch.cat([bmat, torch.ones(b, g, 1, dtype=torch.float64), -eye], dim=2)
-    return m, c
+    g, n_sets = len(w), len(w[0])
+    half = [[EVEN_SHARE] * n_sets for _ in range(g)]
+    totals = []
+    for r in range(g):
+        total = f[r]  # summed in the kernel's order
+        for v in w[r]:
+            total += v
+        totals.append(total)
+    if not all(math.isfinite(v) for v in totals):
+        return half, False, 0
+    scale = max(totals)
+    if not scale > 0.0:
+        return half, True, 0  # no tokens: trivially balanced
+    ws = [[v / scale for v in row] for row in w]
+    fs = [v / scale for v in f]
+    # own[r][d]: share of set (r, d) on rank r; held[r][d]: the same number for the set rank r
+    # holds a replica of, (r2o[r][d], d) -- the kernel's per-lane copy.
+    own = [[0.5 * v for v in row] for row in ws]
+    held = [[own[r2o[r][d]][d] for d in range(n_sets)] for r in range(g)]
+    loads = []
+    for r in range(g):
+        load = fs[r]
+        for d in range(n_sets):
+            load += own[r][d]
+        for d in range(n_sets):
+            load += ws[r2o[r][d]][d] - held[r][d]
+        loads.append(load)
+    t = max(max(fs), _warp_sum(loads) / g)
+
+    searches = 0
+    while True:
+        excess = [load - t for load in loads]
+        over = [e > TOL_EXCESS for e in excess]
+        if not any(over):
+            break
+        if searches == max_searches:
+            return half, False, searches
+        searches += 1
+        under = [e < -TOL_EXCESS for e in excess]
+        visited, frontier = over[:], over[:]
+        parent, via = [-1] * g, [-1] * g
+        bottleneck = excess[:]
+        sink = -1
+        while sink < 0:
+            fresh = []
+            for v in range(g):
+                if visited[v]:
+                    continue
+                for k in range(2 * n_sets):
+                    d = k >> 1
+                    src, cap = (
+                        (o2r[v][d], ws[v][d] - own[v][d]) if k & 1 else (r2o[v][d], held[v][d])
+                    )
+                    if frontier[src] and cap > TOL_CAPACITY:
+                        fresh.append((v, src, k, cap))
+                        break
+            if not fresh:
+                break
+            frontier = [False] * g
+            for v, src, k, cap in fresh:
+                parent[v], via[v] = src, k
+                bottleneck[v] = min(bottleneck[src], cap)
+                visited[v] = frontier[v] = True
+            hits = [v for v, _, _, _ in fresh if under[v]]
+            if hits:
+                sink = min(hits)
+        if sink < 0:
+            # The reached ranks cannot shed load: their mean is a larger lower bound.
+            members = [loads[r] if visited[r] else 0.0 for r in range(g)]
+            t_new = _warp_sum(members) / sum(visited)
+            if not t_new > t:
+                break  # the excess left is below G * TOL_EXCESS
+            t = t_new
+            continue
+        delta = min(bottleneck[sink], -excess[sink])
+        v = sink
+        while parent[v] >= 0:
+            src, d = parent[v], via[v] >> 1
+            if via[v] & 1:  # the holder src gave share of v's own set back
+                own[v][d] += delta
+                held[src][d] += delta
+            else:  # the owner src gave share of its set to v
+                held[v][d] -= delta
+                own[src][d] -= delta
+            v = src
+        loads[v] -= delta
+        loads[sink] += delta
+
+    x = [
+        [
+            min(1.0, max(0.0, own[r][d] / ws[r][d])) if ws[r][d] > 0.0 else EVEN_SHARE
+            for d in range(n_sets)
+        ]
+        for r in range(g)
+    ]
+    return x, True, searches
 
 
-def ipm_solve(
+def flow_solve(
     w: torch.Tensor,
     f: torch.Tensor,
     r2o: torch.Tensor,
     o2r: torch.Tensor,
-    max_iter: int = MAX_ITER,
-    tol: float = TOL,
-) -> IpmResult:
-    """Solve B min-max-load LPs with Mehrotra's predictor-corrector method (docs/lp.md).
+    max_searches: int = MAX_SEARCHES,
+) -> FlowResult:
+    """Solve B min-max-load LPs exactly by augmenting paths (docs/lp.md, "Solver").
 
     Args:
         w: [B, G, D] replicated-set loads, f: [B, G] fixed loads (any float dtype, unscaled).
         r2o: [G, D] topology, o2r: [G, D] its column-wise inverse (integer tensors).
-        max_iter: iteration cap (tests lower it to force failures).
-        tol: tolerance on residuals and relative gap, in scaled units.
+        max_searches: cap on path searches per group (tests lower it to force failures).
     """
-    w = w.to(torch.float64)
-    f = f.to(torch.float64)
-    r2o = r2o.to(torch.int64)
-    o2r = o2r.to(torch.int64)
     b, g, d = w.shape
-    n = g * d
-    big_n = n + 1 + g
-
-    scale = (f + w.sum(-1)).amax(-1)
-    empty = scale == 0
-    safe = torch.where(empty, torch.ones_like(scale), scale)
-    m, c = _lp_matrices(w / safe[:, None, None], f / safe[:, None], r2o, o2r)
-    mt = m.transpose(1, 2)
-    cost = torch.zeros(big_n, dtype=torch.float64)
-    cost[n] = 1.0
-
-    # Starting point of docs/lp.md: x = w = 1/2, t one above the largest load, s its slack.
-    x0 = torch.full((b, n), 0.5, dtype=torch.float64)
-    load0 = c - (m[..., :n] @ x0[..., None]).squeeze(-1)
-    t0 = load0.amax(-1, keepdim=True) + 1.0
-    z = torch.cat([x0, t0, t0 - load0], dim=1)
-    wu = torch.full((b, n), 0.5, dtype=torch.float64)
-    y = torch.full((b, g), 1.0 / g, dtype=torch.float64)
-    zeta = torch.cat(
-        [
-            torch.ones(b, n, dtype=torch.float64),
-            torch.full((b, 1 + g), 1.0 / g, dtype=torch.float64),
-        ],
-        dim=1,
+    r2o_rows = r2o.to(torch.int64).tolist()
+    o2r_rows = o2r.to(torch.int64).tolist()
+    w_rows = w.to(torch.float64).tolist()
+    f_rows = f.to(torch.float64).tolist()
+    xs, converged, searches = [], [], []
+    for i in range(b):
+        x, ok, n = _solve_group(w_rows[i], f_rows[i], r2o_rows, o2r_rows, max_searches)
+        xs.append(x)
+        converged.append(ok)
+        searches.append(n)
+    return FlowResult(
+        torch.tensor(xs, dtype=torch.float64).view(b, g, d),
+        torch.tensor(converged, dtype=torch.bool),
+        torch.tensor(searches, dtype=torch.int64),
     )
-    nu = torch.ones(b, n, dtype=torch.float64)
-
-    converged = empty.clone()
-    failed = torch.zeros(b, dtype=torch.bool)
-    iterations = torch.zeros(b, dtype=torch.int64)
-    n_compl = big_n + n
-
-    def direction(
-        chol: torch.Tensor,
-        theta: torch.Tensor,
-        r_p: torch.Tensor,
-        r_u: torch.Tensor,
-        r_d: torch.Tensor,
-        r_zz: torch.Tensor,
-        r_wn: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        h = r_d - r_zz / z
-        h[:, :n] += (r_wn - nu * r_u) / wu
-        rhs = r_p + (m @ (theta * h)[..., None]).squeeze(-1)
-        dy = torch.cholesky_solve(rhs[..., None], chol).squeeze(-1)
-        dz = theta * ((mt @ dy[..., None]).squeeze(-1) - h)
-        # The normal equations lose about eps * max(theta) of accuracy near the optimum, enough
-        # to stall the primal residual above the tolerance. Recovering the slack parts from the
-        # primal rows and their dual rows keeps both residuals at rounding level.
-        dz[:, n + 1 :] = (m[..., : n + 1] @ dz[:, : n + 1, None]).squeeze(-1) - r_p
-        dzeta = (r_zz - zeta * dz) / z
-        dzeta[:, n + 1 :] = r_d[:, n + 1 :] + dy
-        dw = r_u - dz[:, :n]
-        dnu = (r_wn - nu * dw) / wu
-        return dz, dw, dy, dzeta, dnu
-
-    for it in range(max_iter + 1):
-        x = z[:, :n]
-        r_p = c - (m @ z[..., None]).squeeze(-1)
-        r_u = 1.0 - x - wu
-        r_d = cost - (mt @ y[..., None]).squeeze(-1) - zeta
-        r_d[:, :n] += nu
-        compl = (z * zeta).sum(-1) + (wu * nu).sum(-1)
-        gap = compl / (1.0 + z[:, n].abs())
-        ok = (
-            (r_p.abs().amax(-1) <= tol)
-            & (r_u.abs().amax(-1) <= tol)
-            & (r_d.abs().amax(-1) <= tol)
-            & (gap <= tol)
-        )
-        active = ~(converged | failed)
-        converged |= active & ok
-        active &= ~ok
-        if it == max_iter or not bool(active.any()):
-            break
-        iterations += active.to(torch.int64)
-        mu = compl / n_compl
-
-        theta_inv = zeta / z
-        theta_inv[:, :n] += nu / wu
-        theta = 1.0 / theta_inv
-        k_mat = (m * theta[:, None, :]) @ mt
-        diag = k_mat.diagonal(dim1=-2, dim2=-1)
-        diag += NORMAL_REG * diag.amax(-1, keepdim=True)
-        chol, info = torch.linalg.cholesky_ex(k_mat)
-        failed |= active & (info != 0)
-        active &= info == 0
-
-        # Predictor (affine scaling) direction, then Mehrotra's centring + second-order corrector.
-        aff = direction(chol, theta, r_p, r_u, r_d, -z * zeta, -wu * nu)
-        dz_a, dw_a, _, dzeta_a, dnu_a = aff
-        ap, ad = _step_lengths((z, wu, zeta, nu), (dz_a, dw_a, dzeta_a, dnu_a), 1.0)
-        mu_aff = (
-            ((z + ap[:, None] * dz_a) * (zeta + ad[:, None] * dzeta_a)).sum(-1)
-            + ((wu + ap[:, None] * dw_a) * (nu + ad[:, None] * dnu_a)).sum(-1)
-        ) / n_compl
-        sigma_mu = ((mu_aff / mu) ** 3 * mu)[:, None]
-        dz, dw, dy, dzeta, dnu = direction(
-            chol,
-            theta,
-            r_p,
-            r_u,
-            r_d,
-            sigma_mu - z * zeta - dz_a * dzeta_a,
-            sigma_mu - wu * nu - dw_a * dnu_a,
-        )
-        ap, ad = _step_lengths((z, wu, zeta, nu), (dz, dw, dzeta, dnu), STEP_FRACTION)
-        new = (
-            z + ap[:, None] * dz,
-            wu + ap[:, None] * dw,
-            y + ad[:, None] * dy,
-            zeta + ad[:, None] * dzeta,
-            nu + ad[:, None] * dnu,
-        )
-        finite = torch.stack([v.isfinite().all(-1) for v in new]).all(0)
-        failed |= active & ~finite
-        active &= finite
-        keep = active[:, None]
-        z, wu, y, zeta, nu = (
-            torch.where(keep, v1, v0) for v1, v0 in zip(new, (z, wu, y, zeta, nu), strict=True)
-        )
-
-    solved = converged & ~empty
-    x = torch.where(solved[:, None], z[:, :n].clamp(0.0, 1.0), torch.full_like(z[:, :n], 0.5))
-    return IpmResult(x.view(b, g, d), converged, iterations)
 
 
 def solve(
@@ -321,7 +284,7 @@ def solve(
     n_local_routed: int,
     n_combined: int,
     *,
-    max_iter: int = MAX_ITER,
+    max_searches: int = MAX_SEARCHES,
 ) -> torch.Tensor:
     """Solve the LP of every EP group and count the groups that converged.
 
@@ -330,9 +293,9 @@ def solve(
         phy2log: [R] integer, logical expert of each physical slot.
         r2o, o2r: [G, D] integer topology and its column-wise inverse.
         avail_counter: one-element int32/int64 tensor, incremented in place by the number of
-            groups whose solve met the tolerance.
+            groups whose solve reached the optimum.
         n_local_logical, n_local_routed, n_combined: per-rank layout (docs/lp.md).
-        max_iter: IPM iteration cap (tests lower it to force the failure fallback).
+        max_searches: path-search cap per group (tests lower it to force the failure fallback).
 
     Returns:
         probs: [n_group, G, D] float32, share of each replicated set kept on its original rank.
@@ -346,7 +309,7 @@ def solve(
     w, f = group_loads(
         workload, phy2log, group_size, n_sets, n_local_logical, n_local_routed, n_combined
     )
-    result = ipm_solve(w, f, r2o, o2r, max_iter=max_iter)
+    result = flow_solve(w, f, r2o, o2r, max_searches=max_searches)
     avail_counter += result.converged.sum().to(avail_counter.dtype)
     return result.x.to(torch.float32)
 

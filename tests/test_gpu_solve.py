@@ -47,7 +47,12 @@ def _solve_both(planner: Planner, workload: torch.Tensor, phy2log: torch.Tensor)
     return tuple(results)
 
 
-def _check(planner: Planner, workloads: np.ndarray, phy2logs: list[torch.Tensor]) -> None:
+def _check(
+    planner: Planner, workloads: np.ndarray, phy2logs: list[torch.Tensor], same_probs: bool
+) -> None:
+    """Max loads of the kernel's and the reference's probs at the HiGHS optimum; with
+    `same_probs` (loads exact in float64, e.g. counts below 2^53 in total) the kernel must
+    also reproduce the reference's shares bit for bit, as it runs the same steps."""
     workload, phy2log = stack_layouts(workloads, phy2logs)
     gpu, solved_gpu, cpu, solved_cpu = _solve_both(planner, workload, phy2log)
     w, f = stacked_loads(planner, workloads, phy2logs)
@@ -58,8 +63,11 @@ def _check(planner: Planner, workloads: np.ndarray, phy2logs: list[torch.Tensor]
     assert solved_gpu == solved_cpu == w.shape[0]
     assert np.all((gpu >= 0) & (gpu <= 1))
     scale = np.maximum(best, 1e-300)
-    assert np.max(np.abs(ours - theirs) / scale) <= 1e-4
-    assert np.max(np.abs(ours - best) / scale) <= 1e-4
+    assert np.max(np.abs(ours - theirs) / scale) <= 1e-6
+    assert np.max(np.abs(ours - best) / scale) <= 1e-6
+    if same_probs:
+        differ = np.argwhere(gpu != cpu)
+        assert differ.size == 0, f"{len(differ)} shares differ, first at {differ[0]}"
 
 
 @pytest.mark.parametrize(("r2o", "ep", "k"), CONFIGS)
@@ -67,7 +75,7 @@ def test_solve_matches_reference_and_optimum(r2o: torch.Tensor, ep: int, k: int)
     rng = np.random.default_rng(7000 + 100 * ep + 10 * k + r2o.shape[0])
     planner = Planner(r2o, N_LOGICAL + k * ep, N_LOGICAL, ep_size=ep)
     workloads, phy2logs = plain_and_reordered(planner, rng, N_PLAIN, N_HISTORIES, N_PER_HISTORY)
-    _check(planner, workloads, phy2logs)
+    _check(planner, workloads, phy2logs, same_probs=True)
 
 
 def _edge_workloads(rng: np.random.Generator) -> np.ndarray:
@@ -90,7 +98,8 @@ def _edge_workloads(rng: np.random.Generator) -> np.ndarray:
 def test_solve_edge_cases(r2o: torch.Tensor, ep: int, k: int) -> None:
     planner = Planner(r2o, N_LOGICAL + k * ep, N_LOGICAL, ep_size=ep)
     workloads = _edge_workloads(np.random.default_rng(ep + k))
-    _check(planner, workloads, [planner.phy2log] * len(workloads))
+    # Counts near 2^40 per expert: W and F sums round, in another order on the CPU.
+    _check(planner, workloads, [planner.phy2log] * len(workloads), same_probs=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float32, torch.float64])
@@ -101,7 +110,7 @@ def test_solve_workload_dtypes(dtype: torch.dtype) -> None:
     assert solved_gpu == solved_cpu == planner.n_group
     w, f = stacked_loads(planner, workload.numpy()[None], [planner.phy2log])
     r2o = planner.r2o.numpy()
-    np.testing.assert_allclose(lp_loads(w, f, gpu, r2o), lp_loads(w, f, cpu, r2o), rtol=1e-4)
+    np.testing.assert_allclose(lp_loads(w, f, gpu, r2o), lp_loads(w, f, cpu, r2o), rtol=1e-6)
 
 
 def test_non_finite_group_fails_like_reference() -> None:
