@@ -18,6 +18,7 @@ __all__ = ["FlowResult", "count_idx", "flow_solve", "group_loads", "map_idx", "s
 TOL_EXCESS = 1e-12
 TOL_CAPACITY = 1e-13
 MAX_SEARCHES = 2048
+SMOOTHING_ROUNDS = 4
 # Share of a set without tokens, and of every set of a failed group.
 EVEN_SHARE = 0.5
 # Lanes of the kernel's warp, whose butterfly sums the reference reproduces.
@@ -171,6 +172,25 @@ def _solve_group(
         for d in range(n_sets):
             load += ws[r2o[r][d]][d] - held[r][d]
         loads.append(load)
+    # Smoothing (diffusion): every set moves 1/(4D) of its ranks' load difference to the lighter
+    # rank, within its share; fewer and shorter paths are left to the searches.
+    rate = 1.0 / (4 * n_sets)
+    for _ in range(SMOOTHING_ROUNDS):
+        moved = []
+        for r in range(g):
+            row = []
+            for d in range(n_sets):
+                m = (loads[r] - loads[o2r[r][d]]) * rate
+                row.append(min(m, own[r][d]) if m > 0.0 else max(m, own[r][d] - ws[r][d]))
+                own[r][d] -= row[d]
+            moved.append(row)
+        for r in range(g):
+            for d in range(n_sets):
+                loads[r] -= moved[r][d]
+            for d in range(n_sets):
+                came = moved[r2o[r][d]][d]
+                held[r][d] -= came
+                loads[r] += came
     t = max(max(fs), _warp_sum(loads) / g)
 
     searches = 0

@@ -27,6 +27,7 @@ namespace {
 constexpr double kTolExcess = 1e-12;    // a load above t by more than this is "over"
 constexpr double kTolCapacity = 1e-13;  // a share below this cannot move any more
 constexpr int kMaxSearches = 2048;
+constexpr int kSmoothingRounds = 4;
 constexpr double kEvenShare = 0.5;
 
 __device__ __forceinline__ double load_workload(const void* p, WorkloadType type, int i) {
@@ -66,7 +67,7 @@ __device__ __forceinline__ void add_at(double (&v)[D], int which, double delta) 
 }
 
 template <int D>
-__global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
+__global__ void __launch_bounds__(32, 1) solve_kernel(SolveArgs a) {
   const int G = a.group_size;
   const int lane = threadIdx.x;
   const bool act = lane < G;
@@ -139,6 +140,28 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     load += __shfl_sync(kFullMask, W[d], r2o[d]) - held[d];
   }
   if (!act) load = 0.0;
+  // Smoothing: every set moves 1/(4D) of its two ranks' load difference to the lighter one, as
+  // far as its share allows (diffusion, stable for degree 2D). Cheap and parallel, it leaves the
+  // searches below fewer and shorter paths to find; exactness comes from the searches alone.
+  // Idle lanes are their own neighbours with nothing to move.
+  const double rate = 1.0 / (4 * D);
+  for (int round = 0; round < kSmoothingRounds; ++round) {
+    double moved[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const double m = (load - __shfl_sync(kFullMask, load, o2r[d])) * rate;
+      moved[d] = m > 0.0 ? fmin(m, own[d]) : fmax(m, own[d] - W[d]);
+      own[d] -= moved[d];
+    }
+#pragma unroll
+    for (int d = 0; d < D; ++d) load -= moved[d];
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const double in = __shfl_sync(kFullMask, moved[d], r2o[d]);
+      held[d] -= in;
+      load += in;
+    }
+  }
   // Lower bounds of the optimum: every rank keeps its fixed load; some rank carries the mean.
   double t = fmax(warp_max(act ? F : -INFINITY), warp_sum(load) / G);
 
@@ -214,10 +237,9 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     const double delta = fmin(__shfl_sync(kFullMask, bottleneck, sink),
                               -__shfl_sync(kFullMask, excess, sink));
     const unsigned on_path = __shfl_sync(kFullMask, path, sink);
-    // Every path lane but the root applies its incoming edge; its parent learns of it through
-    // `code` and updates its copy of the same share.
+    // Every path lane but the root applies its incoming edge; its parent, the other rank of the
+    // same set, finds the edge in a ballot per edge kind and updates its copy of the share.
     const bool moved_in = (on_path & me) && parent >= 0;
-    const int code = moved_in ? parent * 8 + via : -1;
     if (moved_in) {
       if (via & 1) {
         add_at(own, via >> 1, delta);
@@ -227,8 +249,11 @@ __global__ void __launch_bounds__(32) solve_kernel(SolveArgs a) {
     }
 #pragma unroll
     for (int d = 0; d < D; ++d) {
-      if (__shfl_sync(kFullMask, code, o2r[d]) == lane * 8 + 2 * d) own[d] -= delta;
-      if (__shfl_sync(kFullMask, code, r2o[d]) == lane * 8 + 2 * d + 1) held[d] += delta;
+      // The holder of my set d took share of it; the owner of the set I hold got share back.
+      const unsigned took = __ballot_sync(kFullMask, moved_in && via == 2 * d);
+      const unsigned got_back = __ballot_sync(kFullMask, moved_in && via == 2 * d + 1);
+      if ((took >> o2r[d]) & 1u) own[d] -= delta;
+      if ((got_back >> r2o[d]) & 1u) held[d] += delta;
     }
     if ((on_path & me) && parent < 0) load -= delta;
     if (lane == sink) load += delta;
