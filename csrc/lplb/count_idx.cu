@@ -22,6 +22,8 @@ __global__ void __launch_bounds__(kHistThreads)
   extern __shared__ int hist[];
   for (int e = threadIdx.x; e < n_logical; e += blockDim.x) hist[e] = 0;
   __syncthreads();
+  wait_for_inputs();  // idx, and the previous call's readers of workload_by_sm
+  allow_dependents();
 
   const std::int64_t begin = blockIdx.x * chunk;
   const std::int64_t end = begin + chunk < n ? begin + chunk : n;
@@ -57,6 +59,8 @@ __global__ void __launch_bounds__(kScanTile* kScanSlices)
     chunk_prefix_kernel(std::int32_t* __restrict__ workload_by_sm, int n_sms, int n_logical,
                         std::int32_t* __restrict__ workload) {
   __shared__ int part[kScanSlices][kScanTile + 1];
+  wait_for_inputs();
+  allow_dependents();
   const int e = blockIdx.x * kScanTile + threadIdx.x;
   const int rows = (n_sms + kScanSlices - 1) / kScanSlices;
   const int s0 = threadIdx.y * rows;
@@ -96,14 +100,14 @@ void launch_count_idx(const void* idx, bool idx_int64, std::int64_t n, int n_log
   const size_t smem = sizeof(int) * static_cast<size_t>(n_logical);
   dispatch_index_type(idx_int64, [&](auto tag) {
     using T = decltype(tag);
-    chunk_histogram_kernel<T><<<n_sms, kHistThreads, smem, stream>>>(
-        static_cast<const T*>(idx), n, chunk, n_logical, workload_by_sm, error_flag);
+    launch("count_idx/chunk_histogram_kernel", chunk_histogram_kernel<T>, n_sms, kHistThreads,
+           smem, stream, static_cast<const T*>(idx), n, chunk, n_logical, workload_by_sm,
+           error_flag);
   });
-  check_launch("count_idx/chunk_histogram_kernel");
   const dim3 block(kScanTile, kScanSlices);
   const int grid = (n_logical + kScanTile - 1) / kScanTile;
-  chunk_prefix_kernel<<<grid, block, 0, stream>>>(workload_by_sm, n_sms, n_logical, workload);
-  check_launch("count_idx/chunk_prefix_kernel");
+  launch("count_idx/chunk_prefix_kernel", chunk_prefix_kernel, grid, block, 0, stream,
+         workload_by_sm, n_sms, n_logical, workload);
 }
 
 }  // namespace lplb

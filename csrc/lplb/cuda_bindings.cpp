@@ -64,7 +64,7 @@ void register_cuda(py::module_& m) {
         args.probs = address<float>(probs);
         lplb::launch_solve(args, lplb::as_stream(stream));
       },
-      "Launch the interior-point LP solve, one 32-thread block per group.");
+      "Launch the exact LP solve (augmenting paths, docs/lp.md), one 32-thread block per group.");
 
   m.def(
       "map_idx_cuda",

@@ -44,16 +44,20 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
   const std::int32_t* prefix =
       blockIdx.x == 0 ? nullptr : workload_by_sm + std::int64_t{blockIdx.x - 1} * n_logical;
 
-  // Every global load that nothing else waits for is issued first, so that the latencies of
-  // the per-expert inputs and of the tokens overlap instead of adding up.
+  // The layout maps first (no kernel of a call writes them), then, once the kernels before have
+  // finished, every other global load that nothing else waits for, so that the latencies of the
+  // per-expert inputs and of the tokens overlap instead of adding up.
   const int e0 = threadIdx.x;
   int pi0 = -1, prefix0 = 0;
   int2 slots0 = make_int2(-1, -1);
   if (e0 < n_logical) {
     pi0 = prob_index[e0];
     slots0 = make_int2(log2phy[2 * e0], log2phy[2 * e0 + 1]);
-    prefix0 = prefix ? prefix[e0] : 0;
   }
+  for (int i = threadIdx.x; i < warps * n_logical; i += blockDim.x) counts[i] = 0;
+  wait_for_inputs();  // idx, probs, workload_by_sm, and the previous readers of out
+  allow_dependents();
+  if (e0 < n_logical) prefix0 = prefix ? prefix[e0] : 0;
   const std::int64_t begin = blockIdx.x * chunk;
   const std::int64_t end = begin + chunk < n ? begin + chunk : n;
   const std::int64_t len = end > begin ? end - begin : 0;
@@ -66,7 +70,6 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32)
     const std::int64_t i = wbegin + 32 * u + lane;
     held[u] = i < wend ? __ldg(idx + i) : T(-1);
   }
-  for (int i = threadIdx.x; i < warps * n_logical; i += blockDim.x) counts[i] = 0;
   __syncthreads();
 
   // Pass 1: per-warp counts of every valid expert in the warp's sub-chunk.
@@ -166,11 +169,10 @@ void launch_map_idx(const void* idx, bool idx_int64, std::int64_t n, void* out,
   const std::int64_t chunk = n == 0 ? 0 : (n + n_sms - 1) / n_sms;
   dispatch_index_type(idx_int64, [&](auto tag) {
     using T = decltype(tag);
-    map_idx_kernel<T><<<n_sms, warps * 32, smem, stream>>>(
-        static_cast<const T*>(idx), n, chunk, static_cast<T*>(out), probs, n_probs,
-        workload_by_sm, n_logical, log2phy, prob_index, error_flag);
+    launch("map_idx_kernel", map_idx_kernel<T>, n_sms, warps * 32, smem, stream,
+           static_cast<const T*>(idx), n, chunk, static_cast<T*>(out), probs, n_probs,
+           workload_by_sm, n_logical, log2phy, prob_index, error_flag);
   });
-  check_launch("map_idx_kernel");
 }
 
 }  // namespace lplb

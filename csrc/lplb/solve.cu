@@ -31,7 +31,6 @@ void launch_solve(const SolveArgs& args, cudaStream_t stream) {
       throw std::invalid_argument("solve: n_sets=" + std::to_string(args.n_sets) +
                                   " is outside [1, 4]");
   }
-  check_launch("solve_kernel");
 }
 
 }  // namespace lplb

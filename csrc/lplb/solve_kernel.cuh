@@ -83,6 +83,8 @@ __global__ void __launch_bounds__(32, 1) solve_kernel(SolveArgs a) {
     o2r[d] = act ? a.o2r[lane * D + d] : lane;
     W[d] = 0.0;
   }
+  wait_for_inputs();  // the workload, and the previous call's readers of probs
+  allow_dependents();
   if (act) {
     const std::int32_t* slots =
         a.phy2log + (static_cast<std::int64_t>(blockIdx.x) * G + lane) * a.n_local_routed;
@@ -273,7 +275,7 @@ __global__ void __launch_bounds__(32, 1) solve_kernel(SolveArgs a) {
 
 template <int D>
 void launch_variant(const SolveArgs& args, cudaStream_t stream) {
-  solve_kernel<D><<<args.n_group, 32, 0, stream>>>(args);
+  launch("solve_kernel", solve_kernel<D>, args.n_group, 32, 0, stream, args);
 }
 
 }  // namespace lplb
