@@ -7,17 +7,21 @@ whose share of changed slots is nearest 20 % is timed). Reports
 
 * bytes moved against the lower bound (``min_move_bytes``);
 * the synchronous move's time (slowest rank, median of repeats after warm-up) and GB/s per
-  rank, against the GPU-to-GPU bandwidth measured in the same run (``batch_isend_irecv`` of
-  the same bytes to the next rank, ring-wise) and a device-to-device copy (the commit's cost);
-  the same move with a gloo control group; and, with ``profile=True`` (device drained after
-  each phase), the time of each phase (check, stage, post, transfer, agree, commit) per rank;
+  rank -- with the default transport (peer staging on one host: copy engines) and over the
+  group (``transport="group"``: NCCL) -- against the GPU-to-GPU bandwidth measured in the same
+  run two ways (``batch_isend_irecv`` of the same bytes to the next rank, ring-wise, and a
+  copy-engine copy of them into the next rank's symmetric memory) and a device-to-device copy
+  (the commit's cost); the same move with a gloo control group; and, with ``profile=True``
+  (device drained after each phase), the time of each phase (check, stage, post, transfer,
+  agree, commit) per rank;
 * a bf16 matmul loop (the model's compute) alone, with the async mover moving layers
-  continuously in the background -- once per ``max_ctas`` of ``--ctas`` (the transfers' NCCL
-  CTAs), with the achieved transfer bandwidth and the host time of ``step()`` -- and with the
-  same number of layers moved synchronously. The loop waits for each forward on the compute
-  stream, as a serving loop waits for its output; the default configuration is also run with
-  a device-wide synchronisation per forward (the method of the first recorded runs, which
-  also waits for the background transfers).
+  continuously in the background -- with the defaults (NCCL, 4 CTAs), with peer staging, and
+  once per other ``max_ctas`` of ``--ctas`` (the transfers' NCCL CTAs), with the achieved
+  transfer bandwidth and the host time of ``step()`` -- and with the same number of layers
+  moved synchronously. The loop waits for each forward on the compute stream, as a serving
+  loop waits for its output; the default configuration is also run with a device-wide
+  synchronisation per forward (the method of the first recorded runs, which also waits for the
+  background transfers).
 
 The JSON record (device, versions, command, numbers) goes to
 ``bench/results/moves_<n>gpu_<device>.json`` (written after each part, so a failure keeps
@@ -51,7 +55,8 @@ import torch.multiprocessing as mp
 import eplb
 from eplb.fileio import atomic_write_text
 from eplb.move_async import DEFAULT_MAX_CTAS
-from eplb.move_exec import PHASES
+from eplb.move_exec import PHASES, comm_of, exchange
+from eplb.move_peer import PeerStaging
 
 ROOT = Path(__file__).resolve().parents[1]
 # NCCL reads these when a communicator is made: main() sets them before the workers start.
@@ -168,6 +173,33 @@ def p2p_ring(nbytes: int, device: torch.device, rank: int, world: int) -> Callab
     return run
 
 
+def peer_ring(nbytes: int, device: torch.device, rank: int, world: int) -> Callable[[], None]:
+    """A copy-engine copy of ``nbytes`` into the next rank's symmetric memory (collective to
+    make: a rendezvous)."""
+    pool = PeerStaging(dist.group.WORLD, device)
+    pool.reserve(nbytes)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+
+    def run() -> None:
+        pool.remote((rank + 1) % world, 0, nbytes).copy_(src)  # the pool stays alive with run
+
+    return run
+
+
+def exchange_seconds(device: torch.device, repeats: int = 50) -> float:
+    """Median host seconds of one small exchange of move_experts (check or agreement) on the
+    default group, the ranks started together."""
+    comm = comm_of(None, device)
+    samples = []
+    for _ in range(repeats):
+        dist.barrier()
+        torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        exchange(comm, [1], 60.0)
+        samples.append(time.perf_counter() - begin)
+    return statistics.median(samples)
+
+
 def compute_loop(size: int, device: torch.device, dtype: torch.dtype):
     """A model's compute stand-in: one 'forward' = MATMULS_PER_FORWARD square matmuls."""
     a = torch.randn(size, size, device=device).to(dtype)
@@ -233,14 +265,31 @@ def bench_sync(ctx: dict, result: dict) -> dict:
                 phases.append(stats.phases)
         return samples, phases
 
+    group: dict = {}
+    if device.type == "cuda":  # the same move over the group (NCCL), first, for comparison
+        group["exchange_seconds_before_peer"] = exchange_seconds(device)
+        group_samples, _ = samples_of(transport="group")
+        _, group_profiled = samples_of(transport="group", profile=True)
+        group.update(
+            move_seconds_median=statistics.median(group_samples),
+            phase_seconds_median_per_rank=gathered(
+                {k: statistics.median(p.get(k, 0.0) for p in group_profiled) for k in PHASES}
+            ),
+        )
     samples, _ = samples_of()
     move_s = statistics.median(samples)
     gloo_samples, _ = samples_of(control_group=ctx["control"])
     profiled_samples, profiled = samples_of(profile=True)
     phase_medians = {k: statistics.median(p.get(k, 0.0) for p in profiled) for k in PHASES}
+    if group:
+        group["exchange_seconds_after_peer"] = exchange_seconds(device)
 
     ring_bytes = max(max(received), expert_bytes)
     ring_s = timed(p2p_ring(ring_bytes, device, rank, world), clock, device, 2, ctx["repeats"])
+    ce_s = None
+    if device.type == "cuda":
+        ce = peer_ring(ring_bytes, device, rank, world)
+        ce_s = timed(ce, clock, device, 2, ctx["repeats"])
     src = torch.empty(ring_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_s = timed(lambda: dst.copy_(src), clock, device, 2, ctx["repeats"])
@@ -248,6 +297,10 @@ def bench_sync(ctx: dict, result: dict) -> dict:
     ideal_s = max(received) / (p2p_gbps * 1e9)
     # A rank that sends more than any rank receives needs longer than ideal_s at that rate.
     ideal_either_s = max(max(received), max(sent)) / (p2p_gbps * 1e9)
+    best_gbps = max(p2p_gbps, ring_bytes / ce_s / 1e9 if ce_s else 0.0)
+    best_ideal_s = max(received) / (best_gbps * 1e9)
+    if group:
+        group["move_vs_ideal"] = group["move_seconds_median"] / ideal_s
     return {
         "layer": layer,
         "changed_slots": sum(int(o != n) for o, n in zip(old.tolist(), new.tolist(), strict=True)),
@@ -274,6 +327,11 @@ def bench_sync(ctx: dict, result: dict) -> dict:
         "move_vs_ideal": move_s / ideal_s if ideal_s > 0 else None,
         "ideal_seconds_max_sent_or_received": ideal_either_s,
         "move_vs_ideal_max_sent_or_received": move_s / ideal_either_s if ideal_either_s else None,
+        "p2p_copy_engine_seconds": ce_s,
+        "p2p_copy_engine_gbps_per_rank": ring_bytes / ce_s / 1e9 if ce_s else None,
+        "ideal_seconds_best_p2p": best_ideal_s,
+        "move_vs_ideal_best_p2p": move_s / best_ideal_s if best_ideal_s > 0 else None,
+        "transport_group": group,
         "d2d_copy_seconds_same_bytes": copy_s,
         "correct_after_move": correct_after_move,
         "correct_after_return": correct_after_return,
@@ -326,8 +384,9 @@ class Shuttle:
 
 
 def bench_async(ctx: dict, result: dict) -> dict:
-    """The compute loop alone, with the async mover per max_ctas (the default first), and with
-    synchronous moves; ``result`` gets each configuration as soon as it is measured."""
+    """The compute loop alone, with the async mover (the defaults first, then over the group per
+    max_ctas), and with synchronous moves; ``result`` gets each configuration as soon as it is
+    measured."""
     rank, device, clock = ctx["rank"], ctx["device"], ctx["clock"]
     place, weights = ctx["place"], ctx["weights"]
     forward = compute_loop(ctx["size"]["mm"], device, ctx["compute_dtype"])
@@ -355,8 +414,12 @@ def bench_async(ctx: dict, result: dict) -> dict:
     state = {"at": "old"}
     configs: list[dict] = []
     result.update(compute_alone_seconds=base, default_max_ctas=DEFAULT_MAX_CTAS, configs=configs)
-    order = sorted(ctx["ctas"], key=lambda c: c != DEFAULT_MAX_CTAS)  # the default first
-    for max_ctas in order:
+    # The defaults first (NCCL, DEFAULT_MAX_CTAS), then peer staging (one host), then the
+    # other max_ctas.
+    order = [("group", DEFAULT_MAX_CTAS), ("auto", None)] + [
+        ("group", c) for c in ctx["ctas"] if c != DEFAULT_MAX_CTAS
+    ]
+    for transport, max_ctas in order:
         mover = eplb.ExpertMover(
             weights,
             ctx["group"],
@@ -364,6 +427,7 @@ def bench_async(ctx: dict, result: dict) -> dict:
             timeout=120.0,
             control_group=ctx["control"],
             max_ctas=max_ctas,
+            transport=transport,
             profile=True,
         )
         shuttle = Shuttle(mover, place, state)
@@ -380,6 +444,7 @@ def bench_async(ctx: dict, result: dict) -> dict:
         nbytes = max(shuttle.received, shuttle.sent)
         bandwidth = nbytes / transfer / 1e9 if transfer > 0 else None
         config = {
+            "transport": transport,
             "max_ctas": max_ctas,
             "transfer_config": mover.transfer_config,
             "async_loop_seconds": async_s,
@@ -430,7 +495,7 @@ def bench_async(ctx: dict, result: dict) -> dict:
         "compute_alone_seconds": base,
         "default_max_ctas": DEFAULT_MAX_CTAS,
         "configs": configs,
-        "headline_max_ctas": default["max_ctas"],
+        "headline_transport": default["transfer_config"]["group"],
         "layers_moved": moved,
         "async_loop_seconds": default["async_loop_seconds"],
         "sync_loop_seconds": sync_s,
@@ -574,6 +639,18 @@ def summary(record: dict) -> str:
             f"{s['move_vs_ideal']:.2f}x the ideal {s['ideal_seconds'] * 1e3:.2f} ms "
             f"(target {TARGETS['move_vs_ideal']}x)"
         )
+        if s.get("p2p_copy_engine_gbps_per_rank"):
+            lines.append(
+                f"  copy-engine P2P {s['p2p_copy_engine_gbps_per_rank']:.0f} GB/s: "
+                f"{s['move_vs_ideal_best_p2p']:.2f}x the best P2P ideal "
+                f"{s['ideal_seconds_best_p2p'] * 1e3:.2f} ms"
+            )
+        if s.get("transport_group"):
+            g = s["transport_group"]
+            lines.append(
+                f"  over the group (NCCL): {g['move_seconds_median'] * 1e3:.2f} ms = "
+                f"{g['move_vs_ideal']:.2f}x the ideal"
+            )
     if "phase_seconds_median_per_rank" in s:
         slowest_rank = max(s["phase_seconds_median_per_rank"], key=lambda p: sum(p.values()))
         lines.append(
@@ -586,14 +663,15 @@ def summary(record: dict) -> str:
     if "async_slowdown" in a:
         lines.append(
             f"compute loop with {a['layers_moved']} layers moved: async +"
-            f"{a['async_slowdown']:.1%} (max_ctas {a['headline_max_ctas']}; target < "
+            f"{a['async_slowdown']:.1%} ({a['headline_transport']}; target < "
             f"{TARGETS['async_slowdown']:.0%}), sync +{a['sync_slowdown']:.1%}"
         )
     if a.get("configs"):
         for c in a["configs"]:
             gbps = [f"{g:.0f}" if g is not None else "-" for g in c["transfer_gbps_per_rank"]]
             lines.append(
-                f"  max_ctas {c['max_ctas']}: +{c['async_slowdown']:.1%}, {c['layers_moved']} "
+                f"  {c['transfer_config']['group']}, max_ctas {c['transfer_config']['max_ctas']}: "
+                f"+{c['async_slowdown']:.1%}, {c['layers_moved']} "
                 f"layers, {c['async_added_seconds_per_layer'] * 1e3:.2f} ms/layer, transfers "
                 f"{'/'.join(gbps)} GB/s per rank"
                 + (

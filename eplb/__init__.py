@@ -39,6 +39,7 @@ from eplb.metrics import (
 )
 from eplb.move_async import ExpertMover
 from eplb.move_exec import ExpertMoveError, MoveStats, move_experts
+from eplb.move_peer import release_staging
 from eplb.move_plan import MovePlan, min_move_bytes, plan_moves
 from eplb.recommend import (
     LayoutReport,
@@ -95,6 +96,7 @@ __all__ = [
     "rebalance_experts",
     "rebalance_experts_hierarchical",
     "recommend_redundancy",
+    "release_staging",
     "replicate_experts",
     "save_expert_map",
     "save_sglang_map",

@@ -1,14 +1,18 @@
 """Asynchronous, layer-by-layer expert-weight moves that commit between forward passes.
 
 ``ExpertMover.start(old, new)`` posts the first layers' transfers into staging buffers (on a side
-CUDA stream on GPUs); the forward keeps using the old weights and the old routing. Each
-``step()`` -- called on every rank between forward passes -- exchanges which layers are ready
-on each rank (a small collective on a CPU group), commits on every rank the same layers (those
-ready everywhere, in layer order) and returns their ids, so the caller switches those layers'
-routing at the same time. At most ``max_layers_in_flight`` layers hold staging memory.
+CUDA stream on GPUs, from a thread of the mover); the forward keeps using the old weights and
+the old routing. Each ``step()`` -- called on every rank between forward passes -- posts which
+layers are ready on this rank (a small collective on a CPU group, not waited for) and uses the
+previous step's: it commits on every rank the same layers (those ready everywhere, in layer
+order) and returns their ids, so the caller switches those layers' routing at the same time.
+At most ``max_layers_in_flight`` layers hold staging memory.
 
-On NCCL the transfers run on a communicator of their own, limited to ``max_ctas`` thread blocks
-(CTAs, one SM each), so that they take few SMs from the model's kernels.
+On NCCL the transfers run by default on a communicator of their own, limited to ``max_ctas``
+thread blocks (CTAs, one SM each), so that they take few SMs from the model's kernels. With
+``transport="auto"`` or ``"peer"`` on one host, senders copy their rows straight into the
+receivers' staging instead (torch symmetric memory, copy engines): no SM moves bytes, but the
+copies run at full speed and take memory bandwidth.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -25,6 +30,7 @@ import torch.distributed as dist
 from eplb.checks import positive_int
 from eplb.move_exec import (
     Comm,
+    Exchange,
     ExpertMoveError,
     LayerMove,
     MoveStats,
@@ -34,10 +40,13 @@ from eplb.move_exec import (
     control_comm,
     exchange,
     flag,
+    peer_for,
     placement_fingerprint,
     timeout_seconds,
+    transport_choice,
     weights_layout,
 )
+from eplb.move_peer import PeerStaging, drop_staging
 from eplb.move_plan import checked_placements, plan_moves
 
 __all__ = ["ExpertMover"]
@@ -52,6 +61,7 @@ class _InFlight:
 
     def __init__(self, move: LayerMove, deadline: float) -> None:
         self.move, self.deadline = move, deadline
+        self.launched: Future | None = None  # CUDA: staging and posting, on the launch thread
         self.event: torch.cuda.Event | None = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -65,6 +75,14 @@ class _InFlight:
     @property
     def layer(self) -> int:
         return self.move.plan.layer
+
+    def settle(self) -> None:
+        """Wait until the launch thread is done with this layer (its errors are kept)."""
+        if self.launched is not None:
+            try:
+                self.launched.result()
+            except Exception as err:
+                self.error = self.error or err
 
     def wait_in_thread(self) -> None:
         """CPU backends: gloo's send/recv handles only complete inside ``wait()``, so a thread
@@ -86,7 +104,11 @@ class _InFlight:
         if self.error is not None:
             return -1
         try:
-            if self.thread is not None:
+            if self.launched is not None and not self.launched.done():
+                done = False
+            elif self.launched is not None and self.launched.exception() is not None:
+                raise self.launched.exception()
+            elif self.thread is not None:
                 done = self.finished
             else:
                 done = (self.event is None or self.event.query()) and self.move.transfers_done()
@@ -100,6 +122,11 @@ class _InFlight:
             self.error = TimeoutError("transfers did not complete within the timeout")
             return -1
         return 0
+
+
+def _yield_gil() -> None:
+    """Release the GIL for a moment (``time.sleep`` releases it, even for 0 s)."""
+    time.sleep(0)
 
 
 def _nccl_options(max_ctas: int) -> tuple[object | None, str]:
@@ -135,11 +162,19 @@ class ExpertMover:
         control_group: a CPU (gloo) group with the same ranks for the per-step exchange. By
             default ``group`` itself when it has a CPU backend, else a gloo group made here
             (then the constructor is a collective over ``group``'s ranks).
-        max_ctas: NCCL groups only: the transfers run on an NCCL communicator made here over
-            the same ranks with at most ``max_ctas`` CTAs (1..64; NCCL rounds to a power of
-            two), so that they occupy at most that many SMs while the model computes; fewer
-            CTAs take fewer SMs but move bytes more slowly. None: transfer on ``group`` itself
-            (NCCL picks the CTAs). Ignored on CPU groups; see :attr:`transfer_config`.
+        max_ctas: NCCL groups moving over the group only: the transfers run on an NCCL
+            communicator made here over the same ranks with at most ``max_ctas`` CTAs (1..64;
+            NCCL rounds to a power of two), so that they occupy at most that many SMs while the
+            model computes; fewer CTAs take fewer SMs but move bytes more slowly. None:
+            transfer on ``group`` itself (NCCL picks the CTAs). Ignored on CPU groups and with
+            peer staging; see :attr:`transfer_config`.
+        transport: "group" (default: the transfers on ``max_ctas`` CTAs of NCCL, which
+            took less from a concurrent compute loop than copy engines at full speed, see
+            docs/benchmarks.md), "auto" or "peer", as for :func:`eplb.move_experts`. With peer
+            staging the mover owns a staging buffer of ``max_layers_in_flight`` slots, each
+            the largest layer's staging, made at the first ``start`` that needs more (a
+            collective rendezvous) and kept; a slot is reused once every rank's commit of its
+            previous layer has run (reported through ``step``'s exchange).
         profile: record the GPU time of each layer's staging and transfers with CUDA events
             in ``stats.phases`` (for benchmarks: the side stream then waits for the transfers,
             so after a failed transfer it stays blocked).
@@ -154,6 +189,7 @@ class ExpertMover:
         timeout: float | datetime.timedelta = 60.0,
         control_group: object = None,
         max_ctas: int | None = DEFAULT_MAX_CTAS,
+        transport: str = "group",
         profile: bool = False,
     ) -> None:
         if isinstance(weights_per_layer, torch.Tensor) or not isinstance(
@@ -183,7 +219,18 @@ class ExpertMover:
         self._comm = comm_of(group, self._device)
         self._control = self._control_comm(group, control_group)
         self._transfer_config: dict = {"max_ctas": None, "group": "group"}
-        if self._comm.flag_device.type == "cuda":
+        self._mode = transport_choice(transport, self._comm)
+        self._peer: PeerStaging | None = peer_for(self._comm, self._mode, self._device, False, 1)
+        self._slot_bytes = 0  # peer staging: bytes of one slot (the largest layer's staging)
+        self._staged = 0  # layers that moved data launched since start (peer staging slots)
+        self._freed = 0  # of those, committed with the commit run on every rank (exchanged)
+        self._commits: deque[torch.cuda.Event] = deque()  # this rank's commits still queued
+        self._commits_run = 0  # this rank's peer-staged commits that have run
+        if self._peer is not None:
+            self._transfer_config = {"max_ctas": None, "group": "peer staging (copy engines)"}
+            if max_ctas is not None:
+                self._transfer_config["note"] = "max_ctas applies to NCCL transfers only"
+        elif self._comm.flag_device.type == "cuda":
             self._comm = self._transfer_comm(max_ctas)
             # NCCL makes its communicator at the first collective, which every rank must join;
             # a layer's transfers may leave a rank out, so make it now (this call is collective).
@@ -194,6 +241,12 @@ class ExpertMover:
         self._stream = (
             torch.cuda.Stream(self._device, priority=0) if self._device.type == "cuda" else None
         )
+        # CUDA: one thread stages and posts the layers, in order, so that this host work runs
+        # while the caller waits for its forward pass instead of inside step().
+        self._launcher = (
+            ThreadPoolExecutor(1, thread_name_prefix="eplb-mover") if self._stream else None
+        )
+        self._pending: Exchange | None = None  # the step exchange posted by the last step()
         self._plans: list = []
         self._todo: deque[int] = deque()
         self._inflight: deque[_InFlight] = deque()
@@ -242,7 +295,7 @@ class ExpertMover:
     @property
     def done(self) -> bool:
         """True when no move is in progress (all layers committed, aborted, or never started)."""
-        return not self._todo and not self._inflight
+        return not self._todo and not self._inflight and self._pending is None
 
     @property
     def in_flight(self) -> tuple[int, ...]:
@@ -261,16 +314,19 @@ class ExpertMover:
 
     @property
     def transfer_config(self) -> dict:
-        """How the transfers run: ``{"max_ctas": int or None, "group": "own NCCL group" or
-        "group"}``, plus ``"note"`` when a requested ``max_ctas`` was not applied and why."""
+        """How the transfers run: ``{"max_ctas": int or None, "group": "own NCCL group",
+        "group" or "peer staging (copy engines)"}``, plus ``"note"`` when a requested
+        ``max_ctas`` was not applied and why."""
         return dict(self._transfer_config)
 
     @property
     def stats(self) -> MoveStats:
         """This rank's totals over the layers committed since the last ``start``.
 
-        ``phases`` (seconds, summed over layers and steps): host time in "exchange" (the
-        per-step agreement), "launch" (staging, packing and posting) and "commit"; "transfer"
+        ``phases`` (seconds, summed over layers and steps): host time in "exchange" (posting
+        and using the per-step exchange), "launch" (staging, packing and posting in the
+        caller's thread: CPU backends; on CUDA only handing layers to the mover's thread),
+        "launch_thread" (that thread's staging, packing and posting, CUDA) and "commit"; "transfer"
         from posting to completion as the waiter thread saw it (CPU backends); with
         ``profile=True`` on CUDA the GPU time of "stage_gpu" (staging and packing copies) and
         "transfer_gpu" (posting to completion, peers' delays included). The transfer phases
@@ -316,10 +372,22 @@ class ExpertMover:
                         f"layer {plan.layer}: the placements give {plan.slots_per_rank} slots "
                         f"per rank but the weights hold {w[0].shape[0]}"
                     )
-            fingerprint = placement_fingerprint(old, new, self._layout)
+            fingerprint = placement_fingerprint(old, new, f"{self._layout}|{self._mode}")
         except (TypeError, ValueError) as err:
             bad = err
+        self._wait_commits()  # every staging slot is free on this rank before the check
         check_together(self._control, bad, fingerprint, self._timeout)
+        if self._peer is not None:
+            self._slot_bytes = max(
+                LayerMove.staging_bytes(plan, sum(w[0].numel() * w.element_size() for w in ws))
+                for plan, ws in zip(plans, self._weights, strict=True)
+            )
+            try:
+                self._peer.reserve(self._slot_bytes * self._max)
+            except Exception as err:
+                self._drop_peer()
+                raise ExpertMoveError(f"could not make the peer staging buffer ({err!r})") from err
+            self._staged = self._freed = self._commits_run = 0
         self._plans = plans
         self._todo = deque(range(len(plans)))
         self._committed, self._totals, self._seconds, self._phases = [], [0, 0, 0], 0.0, {}
@@ -330,14 +398,23 @@ class ExpertMover:
         self._fill()
 
     def _launch(self, flight: _InFlight) -> None:
-        """Stage and post one layer (on the side stream on CUDA)."""
+        """Stage and post one layer: inline on the CPU, else on the launch thread (side
+        stream)."""
         move = flight.move
-        if self._stream is None:
+        if self._launcher is None:
             move.launch()
             flight.posted_at = time.perf_counter()
             flight.wait_in_thread()
             return
-        with torch.cuda.stream(self._stream):
+        flight.launched = self._launcher.submit(self._launch_cuda, flight)
+
+    def _launch_cuda(self, flight: _InFlight) -> None:
+        """The launch thread's part: staging, packing or pushing, and posting, queued on the
+        side stream."""
+        begin = time.perf_counter()
+        move = flight.move
+        move.pause = _yield_gil
+        with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
             timing = [torch.cuda.Event(enable_timing=True) for _ in range(3 * self._profile)]
             if timing:
                 timing[0].record(self._stream)
@@ -346,13 +423,15 @@ class ExpertMover:
                 timing[1].record(self._stream)
             move.post()
             flight.posted_at = time.perf_counter()
-            flight.event = torch.cuda.Event()
-            flight.event.record(self._stream)
+            event = torch.cuda.Event()
+            event.record(self._stream)
             if timing:
                 for work in move.works:
                     work.wait()  # the side stream waits for the transfers (profiling only)
                 timing[2].record(self._stream)
                 flight.timing = tuple(timing)
+            flight.event = event
+        self._add("launch_thread", time.perf_counter() - begin)
 
     def _fill(self) -> None:
         """Launch layers while fewer than ``max_layers_in_flight`` staged layers are in flight.
@@ -366,8 +445,15 @@ class ExpertMover:
             staged = sum(not f.move.plan.is_noop for f in self._inflight)
             if not plan.is_noop and staged >= self._max:
                 break
+            region = 0
+            if self._peer is not None and not plan.is_noop:
+                # Slot k % max held layer k - max: every rank must have run its commit.
+                if self._staged >= self._max and self._staged - self._max >= self._freed:
+                    break
+                region = (self._staged % self._max) * self._slot_bytes
+                self._staged += 1
             self._todo.popleft()
-            move = LayerMove(plan, self._weights[plan.layer], self._comm)
+            move = LayerMove(plan, self._weights[plan.layer], self._comm, self._peer, region)
             flight = _InFlight(move, time.monotonic() + self._timeout)
             self._inflight.append(flight)
             try:
@@ -377,11 +463,14 @@ class ExpertMover:
         self._add("launch", time.perf_counter() - begin)
 
     def step(self) -> list[int]:
-        """Commit the layers whose transfers completed on every rank; return their ids.
+        """Commit the layers found ready on every rank at the previous step; return their ids.
 
-        Call between forward passes on every rank. The commit copies are queued on the current
-        stream, so the next forward sees the new weights of the returned layers (switch their
-        routing now) and the old weights of every other layer.
+        Call between forward passes on every rank. Each call posts a small exchange of which
+        layers are ready on this rank (and which commits have run) and, without waiting for
+        it, uses the one the previous call posted -- the ranks have met it during the forward
+        pass in between, so ``step`` does not wait for the slowest rank. The commit copies are
+        queued on the current stream, so the next forward sees the new weights of the returned
+        layers (switch their routing now) and the old weights of every other layer.
 
         Raises:
             ExpertMoveError: a layer's transfers failed or timed out on some rank, or the
@@ -391,22 +480,39 @@ class ExpertMover:
         """
         if self.done:
             return []
-        ready = 0
-        for flight in self._inflight:
-            state = flight.state()
-            if state < 0:
-                ready = -1
-                break
-            if state == 0:
-                break
-            ready += 1
+        committed = []
+        if self._pending is not None:
+            committed = self._use(self._pending)
+            self._pending = None
+        self._fill()
+        if self._inflight or self._todo:
+            ready = 0
+            for flight in self._inflight:
+                state = flight.state()
+                if state < 0:
+                    ready = -1
+                    break
+                if state == 0:
+                    break
+                ready += 1
+            while self._commits and self._commits[0].query():
+                self._commits.popleft()
+                self._commits_run += 1
+            begin = time.perf_counter()
+            self._pending = Exchange(self._control, [ready, self._commits_run])
+            self._add("exchange", time.perf_counter() - begin)
+        return committed
+
+    def _use(self, pending: Exchange) -> list[int]:
+        """Act on a step exchange: fail everywhere, or commit the layers ready everywhere."""
         begin = time.perf_counter()
         try:
-            table = exchange(self._control, [ready], self._timeout)
+            table = pending.result(self._timeout)
         except ExpertMoveError:
             self._fail()
             raise
         self._add("exchange", time.perf_counter() - begin)
+        self._freed = int(table[:, 1].min())
         counts = table[:, 0]
         if (counts < 0).any():
             layer = self._inflight[0].layer
@@ -425,7 +531,6 @@ class ExpertMover:
             self._commit(flight)
             committed.append(flight.layer)
         self._add("commit", time.perf_counter() - begin)
-        self._fill()
         return committed
 
     def _commit(self, flight: _InFlight) -> None:
@@ -434,15 +539,20 @@ class ExpertMover:
             current = torch.cuda.current_stream(self._device)
             current.wait_event(flight.event)  # the staged copies (already complete)
             move.commit()
-            if move.staging is not None:
+            if self._peer is not None and not move.plan.is_noop:
+                self._commits.append(torch.cuda.Event())
+                self._commits[-1].record(current)  # the slot is free once this has run
+            elif move.staging is not None:
                 move.staging.record_stream(current)  # freed only after the commit copies ran
-            if flight.timing and move.works:  # all three completed (state() waited for them)
+            if move.saved is not None:
+                move.saved.record_stream(current)
+            if flight.timing and move.moves_data:  # all completed (state() waited for them)
                 start, posted, end = flight.timing
                 self._add("stage_gpu", start.elapsed_time(posted) / 1e3)
                 self._add("transfer_gpu", posted.elapsed_time(end) / 1e3)
         else:
             move.commit()
-            if flight.done_at is not None and move.works:
+            if flight.done_at is not None and move.moves_data:
                 self._add("transfer", flight.done_at - flight.posted_at)
         move.release()
         self._committed.append(flight.layer)
@@ -450,15 +560,30 @@ class ExpertMover:
             self._totals[i] += value
         self._seconds = time.perf_counter() - self._started
 
-    def _fail(self) -> None:
+    def _fail(self, drop: bool = True) -> None:
         """Drop every uncommitted layer. CPU backends: first let the waiter threads finish (by
         their deadlines), so that no transfer is left pending on a buffer that is freed."""
         for flight in self._inflight:
+            flight.settle()
             if flight.thread is not None:
                 flight.thread.join(max(flight.deadline - time.monotonic(), 0.0) + 1.0)
             flight.move.abandon()
+        if drop and self._inflight and self._peer is not None:
+            self._drop_peer()  # a late push of an abandoned layer must not reach a reused slot
         self._inflight.clear()
         self._todo.clear()
+
+    def _drop_peer(self) -> None:
+        """Retire the peer staging buffer (on every rank at the same point); the next
+        ``start`` makes a new one."""
+        drop_staging(self._peer)
+        self._peer = PeerStaging(self._peer.group, self._peer.device, len(self._peer.streams))
+
+    def _wait_commits(self) -> None:
+        """Block until this rank's queued commits have run (no slot is being read)."""
+        while self._commits:
+            self._commits.popleft().synchronize()
+            self._commits_run += 1
 
     def abort(self) -> None:
         """Stop the move: no further layer commits; committed layers stay committed.
@@ -472,7 +597,14 @@ class ExpertMover:
         """
         self._todo.clear()
         failure = None
+        if self._pending is not None:  # every rank posted it: wait, so the next ones match
+            pending, self._pending = self._pending, None
+            try:
+                pending.result(self._timeout)
+            except ExpertMoveError as err:
+                failure = err
         for flight in self._inflight:
+            flight.settle()
             try:
                 if flight.thread is not None:
                     flight.thread.join(max(flight.deadline - time.monotonic(), 0.0) + 1.0)
@@ -484,7 +616,7 @@ class ExpertMover:
                     flight.move.wait(flight.deadline)
             except Exception as err:
                 failure = failure or err
-        self._fail()
+        self._fail(drop=failure is not None)
         if failure is not None:
             raise ExpertMoveError(f"abort: posted transfers did not finish ({failure!r})") from (
                 failure

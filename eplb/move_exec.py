@@ -3,12 +3,14 @@
 One layer moves in four phases on every rank of the group:
 
 1. *check*: every rank validates its arguments and the ranks exchange (ok, fingerprint of the
-   placements and of the weights' layout) -- a rank with bad arguments raises
-   ``ValueError``/``TypeError``, the others :class:`ExpertMoveError`, before anything is sent;
-2. *transfer*: each rank packs, per receiving peer, the rows it sends into one contiguous byte
-   buffer and one ``batch_isend_irecv`` moves one message per (peer, direction); receives land
-   in a staging buffer, never in live weights; local copies whose source slot is itself
-   overwritten are staged too;
+   placements, of the weights' layout and of the transport) -- a rank with bad arguments
+   raises ``ValueError``/``TypeError``, the others :class:`ExpertMoveError`, before anything is
+   sent; meanwhile each rank saves overwritten copy sources and packs its sends;
+2. *transfer*: received rows land in a staging buffer, never in live weights. With peer
+   staging (the GPUs of one host, :mod:`eplb.move_peer`) each sender copies its rows from the
+   live weights straight into the receivers' staging (copy engines); over the group each rank
+   packs, per receiving peer, the rows it sends into one contiguous byte buffer and one
+   ``batch_isend_irecv`` moves one message per (peer, direction);
 3. *agree*: the ranks exchange whether their transfers completed (bounded by ``timeout``);
 4. *commit*: only if every rank succeeded, staging and local copies are written into the live
    weights. Every read of the commit comes from staging or from a slot the move does not
@@ -26,11 +28,13 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from eplb.checks import process_group, tensor
+from eplb.move_peer import PUSH_STREAMS, PeerStaging, drop_staging, peer_staging, wait_commits
 from eplb.move_plan import MovePlan, checked_placements, plan_moves
 
 __all__ = ["ExpertMoveError", "MoveStats", "move_experts"]
@@ -47,6 +51,9 @@ _ABANDONED: list[object] = []
 # move waits for milliseconds and a sleep overshoots by ~0.1 ms; then sleep _POLL_S per poll.
 _SPIN_S = 0.05
 _POLL_S = 5e-5
+
+# Ways to move rows between ranks (the ``transport`` argument).
+TRANSPORTS = ("auto", "peer", "group")
 
 # Phases of move_experts, in order (MoveStats.phases keys).
 PHASES = ("check", "stage", "post", "transfer", "agree", "commit")
@@ -71,8 +78,9 @@ class MoveStats:
         seconds: host wall time from the call (or ``start()``) to the last commit being issued;
             on a GPU the commit copies are queued on the current stream, not waited for.
         layers: the layers moved (committed).
-        phases: seconds per phase. ``move_experts``: "check", "stage" (staging buffers, packing
-            the rows to send), "post" (posting the transfers), "transfer" (waiting for them),
+        phases: seconds per phase. ``move_experts``: "check" (with saving overwritten copy
+            sources and packing the rows to send), "stage" (taking the staging rows), "post"
+            (posting the transfers, or the pushes), "transfer" (waiting for them),
             "agree", "commit" -- host wall time; with ``profile=True`` the device is drained at
             the end of each phase, so GPU work is counted in the phase that queued it. For
             ``ExpertMover`` see its ``profile`` argument. Not part of equality.
@@ -228,40 +236,87 @@ def _wait_works(works: Sequence[object], deadline: float, polls: bool) -> None:
         raise failure
 
 
-def exchange(comm: Comm, row: Sequence[int], timeout: float) -> torch.Tensor:
-    """Every rank's ``row`` (ints): a CPU int64 ``[size, len(row)]`` table, same on all ranks.
+def _wait_event(event: torch.cuda.Event, deadline: float) -> None:
+    """Poll a CUDA event until it completed; ``TimeoutError`` past ``deadline``."""
+    spin_until = time.monotonic() + _SPIN_S
+    while not event.query():
+        now = time.monotonic()
+        if now > deadline:
+            raise TimeoutError("transfers did not complete within the timeout")
+        time.sleep(0.0 if now < spin_until else _POLL_S)
 
-    One all-reduce of a tiny table (on a CUDA group: one host-to-device copy, one kernel and
-    one device-to-host copy; on a CPU group no device work at all).
 
-    Raises:
-        ExpertMoveError: the collective failed or did not complete within ``timeout`` seconds.
+class Exchange:
+    """Every rank's ``row`` (ints), gathered by one all-reduce posted at construction: a CPU
+    int64 ``[size, len(row)]`` table, the same on all ranks, from :meth:`result`.
+
+    On a CUDA group: one host-to-device copy, one kernel and one device-to-host copy; on a CPU
+    group no device work at all. Posting and waiting apart lets a caller do other work (or
+    let a forward pass run) while the ranks arrive.
     """
-    table = torch.zeros(comm.size, len(row), dtype=torch.int64)
-    table[comm.rank] = torch.tensor(list(row), dtype=torch.int64)
-    if comm.group is None:
-        return table
-    table = table.to(comm.flag_device)
-    try:
-        work = dist.all_reduce(table, group=comm.group, async_op=True)
-        _wait_works([work], time.monotonic() + timeout, comm.polls)
-    except Exception as err:
-        raise ExpertMoveError(
-            f"rank {comm.rank}: the ranks could not agree within {timeout:g} s ({err}); live "
-            "weights unchanged, the process group may be unusable"
-        ) from err
-    return table.cpu()
+
+    def __init__(self, comm: Comm, row: Sequence[int]) -> None:
+        self.comm = comm
+        self.table = torch.zeros(comm.size, len(row), dtype=torch.int64)
+        self.table[comm.rank] = torch.tensor(list(row), dtype=torch.int64)
+        self.work: object = None
+        self.error: Exception | None = None
+        if comm.group is not None:
+            try:
+                self.table = self.table.to(comm.flag_device)
+                self.work = dist.all_reduce(self.table, group=comm.group, async_op=True)
+            except Exception as err:  # raised by result(), like a failed wait
+                self.error = err
+
+    def result(self, timeout: float) -> torch.Tensor:
+        """The table, once every rank's row arrived.
+
+        Raises:
+            ExpertMoveError: the collective failed or did not complete within ``timeout``
+                seconds (from now).
+        """
+        try:
+            if self.error is not None:
+                raise self.error
+            if self.work is not None:
+                _wait_works([self.work], time.monotonic() + timeout, self.comm.polls)
+        except Exception as err:
+            raise ExpertMoveError(
+                f"rank {self.comm.rank}: the ranks could not agree within {timeout:g} s "
+                f"({err}); live weights unchanged, the process group may be unusable"
+            ) from err
+        return self.table.cpu()
 
 
-def check_together(comm: Comm, bad: BaseException | None, fingerprint: int, timeout: float) -> None:
+def exchange(comm: Comm, row: Sequence[int], timeout: float) -> torch.Tensor:
+    """Every rank's ``row``: :class:`Exchange` posted and waited for (at most ``timeout``)."""
+    return Exchange(comm, row).result(timeout)
+
+
+def check_together(
+    comm: Comm,
+    bad: BaseException | None,
+    fingerprint: int,
+    timeout: float,
+    meanwhile: Callable[[], None] | None = None,
+) -> Exception | None:
     """Before anything is sent: did every rank accept its arguments, with the same placements
-    and weight layouts?
+    and weight layouts? ``meanwhile`` (only if this rank accepted them) runs while the ranks
+    answer: local preparation that sends nothing. Returns what ``meanwhile`` raised (the
+    caller reports it at the agreement, which every rank reaches), else None.
 
     Raises ``bad`` (this rank's argument error) here, :class:`ExpertMoveError` on the other
     ranks, or :class:`ExpertMoveError` everywhere when the fingerprints differ.
     """
+    pending = Exchange(comm, [0, 0] if bad is not None else [1, fingerprint])
+    failure = None
+    if bad is None and meanwhile is not None:
+        try:
+            meanwhile()
+        except Exception as err:  # reported after the exchange, which every rank must finish
+            failure = err
     try:
-        table = exchange(comm, [0, 0] if bad is not None else [1, fingerprint], timeout)
+        table = pending.result(timeout)
     except ExpertMoveError:
         if bad is not None:
             raise bad from None  # this rank's own mistake is the more useful message
@@ -276,6 +331,37 @@ def check_together(comm: Comm, bad: BaseException | None, fingerprint: int, time
             "the ranks passed different placements or weight layouts (dtype and per-slot "
             "shape of each weight tensor); nothing was moved"
         )
+    return failure
+
+
+def transport_choice(transport: object, comm: Comm) -> str:
+    """``transport`` checked: "group" where peer staging cannot apply (CPU weights, a CPU
+    group, one rank), else as given ("auto" is resolved by :func:`peer_for`)."""
+    if not isinstance(transport, str):
+        raise TypeError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+    if comm.polls and comm.size > 1:
+        return transport
+    if transport == "peer":
+        raise ValueError(
+            "transport='peer' needs CUDA weights on an NCCL group of two or more ranks"
+        )
+    return "group"
+
+
+def peer_for(
+    comm: Comm, mode: str, device: torch.device, shared: bool = True, streams: int = PUSH_STREAMS
+) -> PeerStaging | None:
+    """The peer staging of a move in ``mode`` (see :func:`transport_choice`), or None to move
+    over the group; ``shared`` and ``streams`` as for :func:`~eplb.move_peer.peer_staging`.
+    Collective on the first call per group (the ranks compare hosts)."""
+    if mode == "group":
+        return None
+    pool, why = peer_staging(comm.group, device, comm.size, shared, streams)
+    if pool is None and mode == "peer":
+        raise ValueError(f"transport='peer' is not possible here: {why}")
+    return pool
 
 
 def byte_rows(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -304,19 +390,43 @@ class PhaseTimer:
         self._last = now
 
 
-class LayerMove:
-    """One layer's move on one rank: packing, staging, transfers, commit.
+class Push(NamedTuple):
+    """Rows pushed to one peer's staging (peer transport): local ``slots``, in order, into the
+    peer's staging rows ``first``, ``first + 1``, ..."""
 
-    Wire format: one message per (sender, receiver) pair and layer, tagged with the layer: the
-    rows the sender sends to that receiver, in the receiver's ``recvs`` order, each row the
-    bytes of every weight kind of one expert back to back (kind 0 first). Staging is one uint8
-    ``[rows, expert_bytes]`` buffer: first the received rows grouped by source rank (ascending;
-    each source's rows contiguous, so one receive fills them), then one row per local copy
-    source that the move overwrites (its old content must survive until the commit).
+    dst: int
+    slots: tuple[int, ...]
+    first: int
+
+
+class LayerMove:
+    """One layer's move on one rank: staging, transfers, commit.
+
+    Staging is a uint8 ``[rows, expert_bytes]`` buffer of the received rows, grouped by source
+    rank (ascending; within a source in plan order, which is the sender's order), each row the
+    bytes of every weight kind of one expert back to back (kind 0 first); local copy sources
+    that the move overwrites are saved in a second buffer of the same row format.
+
+    Two transports fill the staging rows:
+
+    * ``peer=None`` (the process group): one message per (sender, receiver) pair and layer,
+      tagged with the layer -- the sender packs the rows into one buffer, the receiver receives
+      them straight into its contiguous rows of that source;
+    * ``peer`` (a :class:`~eplb.move_peer.PeerStaging` of one host): the receiver's staging is
+      rows of its peer buffer from byte ``region``; each sender copies its rows from the live
+      weights straight into them (copy engines, no packing, nothing posted by the receiver).
     """
 
-    def __init__(self, plan: MovePlan, weights: list[torch.Tensor], comm: Comm) -> None:
+    def __init__(
+        self,
+        plan: MovePlan,
+        weights: list[torch.Tensor],
+        comm: Comm,
+        peer: PeerStaging | None = None,
+        region: int = 0,
+    ) -> None:
         self.plan, self.weights, self.comm = plan, weights, comm
+        self.peer, self.region = peer, region
         self.rows = byte_rows(weights)
         self.spans = []  # (offset, size) of each weight kind within a row
         offset = 0
@@ -345,57 +455,99 @@ class LayerMove:
                 self.send_to.append((dst, [slot]))
         written = set(recv_row) | {dst for _, dst in copies}
         # A copy reads the old content of its source when the source held the expert before
-        # (MovePlan.copies); if the move overwrites that source, the old content is staged.
+        # (MovePlan.copies); if the move overwrites that source, the old content is saved.
         old = [(src, dst) for src, dst in copies if plan.old[base + src] == plan.new[base + dst]]
-        staged = sorted({src for src, _ in old if src in written})
-        stage_row = {s: len(recvs) + i for i, s in enumerate(staged)}
-        self.prestage = list(stage_row.items())
-        self.num_rows = len(recvs) + len(staged)
-        # (dst_slot, staging row or None, live source slot): every read is a staging row or a
-        # slot that no write touches, so the writes may run in any order.
-        self.writes = [(dst, recv_row[dst], None) for _, _, dst in recvs]
+        saved = sorted({src for src, _ in old if src in written})
+        save_row = {s: i for i, s in enumerate(saved)}
+        self.prestage = list(save_row.items())  # (live slot, saved row)
+        # (dst_slot, source): source ("recv"|"saved", row) or ("live", slot). Every read is a
+        # staging row or a slot that no write touches, so the writes may run in any order.
+        self.writes: list[tuple[int, tuple[str, int]]] = [
+            (dst, ("recv", recv_row[dst])) for _, _, dst in recvs
+        ]
         for src, dst in copies:
-            row = stage_row.get(src) if (src, dst) in old else recv_row[src]
-            self.writes.append((dst, row, src))
+            if (src, dst) not in old:
+                self.writes.append((dst, ("recv", recv_row[src])))
+            elif src in save_row:
+                self.writes.append((dst, ("saved", save_row[src])))
+            else:
+                self.writes.append((dst, ("live", src)))
         self.stats = (
             len(plan.sends[rank]) * self.expert_bytes,
             len(recvs) * self.expert_bytes,
             len(copies) * self.expert_bytes,
         )
         self.staging: torch.Tensor | None = None
+        self.saved: torch.Tensor | None = None
         self.packs: list[tuple[int, torch.Tensor]] = []
         self.works: list[object] = []
+        self.event: torch.cuda.Event | None = None  # after the pushes (peer transport)
+        self.copies: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # commit's
+        # Called between rows by a launching thread: lets the caller's thread take the GIL
+        # (torch calls keep it, and Python hands it over only every few milliseconds).
+        self.pause: Callable[[], None] | None = None
 
     @property
-    def num_messages(self) -> tuple[int, int]:
-        """(messages sent, messages received) by this rank: one per peer and direction."""
-        if not self.expert_bytes:
-            return 0, 0
-        return len(self.send_to), len(self.recv_from)
+    def moves_data(self) -> bool:
+        """Whether this rank sends or receives anything in this layer."""
+        return self.stats[0] + self.stats[1] > 0
 
-    def _pack(self, out: torch.Tensor, slot: int) -> None:
-        """Copy the bytes of every weight kind of local ``slot`` into the uint8 row ``out``."""
-        for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
-            if size:
-                out[offset : offset + size].copy_(rows[slot])
+    @staticmethod
+    def staging_bytes(plan: MovePlan, expert_bytes: int) -> int:
+        """The most staging bytes any rank needs for ``plan`` (the peer buffer size)."""
+        return max((len(r) for r in plan.recvs), default=0) * expert_bytes
+
+    def _pack(self, out: torch.Tensor, slots: Sequence[int]) -> None:
+        """Copy the bytes of every weight kind of local ``slots`` into the rows of ``out`` (one
+        device-to-device memcpy per row: for rows of megabytes faster than a multi-tensor
+        copy kernel)."""
+        for j, slot in enumerate(slots):
+            for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
+                if size:
+                    out[j, offset : offset + size].copy_(rows[slot])
+            if self.pause is not None:
+                self.pause()
 
     def stage(self) -> None:
-        """Allocate staging and send buffers (on the current stream), stage overwritten copy
-        sources and pack the rows to send (device-to-device copies, queued)."""
+        """:meth:`stage_local` then :meth:`bind`."""
+        self.stage_local(pack=self.peer is None)
+        self.bind(self.peer, self.region)
+
+    def stage_local(self, pack: bool) -> None:
+        """Save overwritten copy sources and, with ``pack`` (the process group), pack the rows
+        to send (device-to-device copies queued on the current stream; nothing leaves this
+        rank, so this may run before the ranks agreed on the move)."""
         device = self.rows[0].device
-        if self.num_rows:
-            self.staging = torch.empty(
-                (self.num_rows, self.expert_bytes), dtype=torch.uint8, device=device
+        if self.prestage:
+            self.saved = torch.empty(
+                (len(self.prestage), self.expert_bytes), dtype=torch.uint8, device=device
             )
-            for slot, row in self.prestage:
-                self._pack(self.staging[row], slot)
+            self._pack(self.saved, [slot for slot, _ in self.prestage])
         self.packs = []
-        if self.expert_bytes:
+        if self.expert_bytes and pack:
             for dst, slots in self.send_to:
                 buf = torch.empty((len(slots), self.expert_bytes), dtype=torch.uint8, device=device)
-                for j, slot in enumerate(slots):
-                    self._pack(buf[j], slot)
+                self._pack(buf, slots)
                 self.packs.append((dst, buf))
+
+    def bind(self, peer: PeerStaging | None, region: int = 0) -> None:
+        """Take the staging rows -- from byte ``region`` of ``peer``'s buffer (which must hold
+        them), else a new buffer (the process group; ``peer`` must then be the one this move
+        was made with) -- and make the commit's views."""
+        self.peer, self.region = peer, region
+        if peer is not None:
+            self.packs = []
+        elif not self.packs and self.send_to and self.expert_bytes:
+            self.stage_local(pack=True)
+        rows = len(self.plan.recvs[self.comm.rank])
+        if peer is not None:
+            nbytes = rows * self.expert_bytes
+            self.staging = peer.local[region : region + nbytes].view(rows, self.expert_bytes)
+        elif rows:
+            self.staging = torch.empty(
+                (rows, self.expert_bytes), dtype=torch.uint8, device=self.rows[0].device
+            )
+        self.copies = self._commit_copies()
 
     def _ops(self) -> list[dist.P2POp]:
         """One send per receiving peer (its packed buffer) and one receive per sending peer
@@ -411,12 +563,40 @@ class LayerMove:
                 ops.append(dist.P2POp(dist.irecv, view, comm.global_ranks[src], comm.group, tag))
         return ops
 
+    def _pushes(self) -> list[Push]:
+        """One push per receiving peer: my rows land after the rows of lower source ranks."""
+        rank = self.comm.rank
+        return [
+            Push(dst, tuple(slots), sum(src < rank for src, _, _ in self.plan.recvs[dst]))
+            for dst, slots in self.send_to
+        ]
+
     def post(self) -> None:
         """Post the transfers (after :meth:`stage`; they follow the current stream's work)."""
-        ops = self._ops()
+        if self.peer is None:
+            ops = self._ops()
+            if _FAULT_HOOK is not None:
+                _FAULT_HOOK("post", {"rank": self.comm.rank, "layer": self.plan.layer, "ops": ops})
+            self.works = dist.batch_isend_irecv(ops) if ops else []
+            return
+        pushes = self._pushes() if self.expert_bytes else []
         if _FAULT_HOOK is not None:
-            _FAULT_HOOK("post", {"rank": self.comm.rank, "layer": self.plan.layer, "ops": ops})
-        self.works = dist.batch_isend_irecv(ops) if ops else []
+            _FAULT_HOOK("post", {"rank": self.comm.rank, "layer": self.plan.layer, "ops": pushes})
+        pushed, copies = [0] * self.comm.size, []
+        for push in pushes:
+            for j, slot in enumerate(push.slots):
+                row = self.region + (push.first + j) * self.expert_bytes
+                for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
+                    if size:
+                        copies.append((rows[slot], push.dst, row + offset))
+            pushed[push.dst] += len(push.slots)
+        self.event = self.peer.push(copies, self.pause)
+        # Nobody waits for a push, so a missing one must fail here, on the sender.
+        for dst, slots in self.send_to:
+            if pushed[dst] != len(slots):
+                raise RuntimeError(
+                    f"pushed {pushed[dst]} of the {len(slots)} rows rank {dst} needs"
+                )
 
     def launch(self) -> None:
         """:meth:`stage` then :meth:`post`."""
@@ -424,30 +604,53 @@ class LayerMove:
         self.post()
 
     def transfers_done(self) -> bool:
-        """Non-blocking: have this rank's transfers completed? (CUDA backends only.)"""
+        """Non-blocking: have this rank's transfers completed? (CUDA only.)"""
+        if self.event is not None:
+            return self.event.query()
         return all(w.is_completed() for w in self.works)
 
     def wait(self, deadline: float) -> None:
         """Block until this rank's transfers completed; raise on error or past ``deadline``."""
-        _wait_works(self.works, deadline, self.comm.polls)
+        if self.event is not None:
+            _wait_event(self.event, deadline)
+        else:
+            _wait_works(self.works, deadline, self.comm.polls)
 
-    def commit(self) -> None:
-        """Write the new content of every changed slot (queued on the current stream)."""
-        for dst, row, src in self.writes:
+    def _commit_copies(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(destinations, sources) of the commit: a live row per weight kind of every written
+        slot, and the staging row, saved row or live row it takes."""
+        buffers = {"recv": self.staging, "saved": self.saved}
+        dst, src = [], []
+        for slot, (kind, index) in self.writes:
             for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
                 if size:
-                    source = rows[src] if row is None else self.staging[row, offset : offset + size]
-                    rows[dst].copy_(source)
+                    dst.append(rows[slot])
+                    if kind == "live":
+                        src.append(rows[index])
+                    else:
+                        src.append(buffers[kind][index, offset : offset + size])
+        return dst, src
+
+    def commit(self) -> None:
+        """Write the new content of every changed slot (queued on the current stream), from
+        views made by :meth:`stage` (host time of a launching thread). One copy per row: on a
+        GPU each is a device-to-device memcpy, faster for rows of megabytes than one
+        multi-tensor copy kernel."""
+        dst, src = self.copies if self.copies is not None else self._commit_copies()
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
 
     def release(self) -> None:
         """Drop the buffers after a commit (their transfers have completed)."""
-        self.staging, self.packs, self.works = None, [], []
+        self.staging, self.saved, self.packs, self.works = None, None, [], []
+        self.copies = None
 
     def abandon(self) -> None:
         """Drop the buffers after a failure; CUDA transfers that may still be pending keep their
         buffers alive (gloo ones have settled in :meth:`wait`)."""
-        if self.works and self.comm.polls:
-            _ABANDONED.append((self.works, self.staging, self.packs))
+        pending = self.event is not None and not self.event.query()
+        if (self.works and self.comm.polls) or pending:
+            _ABANDONED.append((self.works, self.staging, self.saved, self.packs))
         self.release()
 
 
@@ -485,14 +688,17 @@ def move_experts(
     *,
     timeout: float | datetime.timedelta = 60.0,
     control_group: object = None,
+    transport: str = "auto",
     profile: bool = False,
 ) -> MoveStats:
     """Move one layer's expert weights in place from ``old_phy2log`` to ``new_phy2log``.
 
     Collective: every rank of ``group`` calls it with the same placements. Receives land in
     staging buffers and replace live weights only after every transfer of the layer completed
-    on every rank; on any failure nothing live changes anywhere. Each rank sends one message
-    per receiving peer (its rows packed into one buffer) and receives one per sending peer.
+    on every rank; on any failure nothing live changes anywhere. On the process group each rank
+    sends one message per receiving peer (its rows packed into one buffer) and receives one per
+    sending peer; with peer staging each rank copies its rows straight into the receivers'
+    staging buffers (copy engines).
 
     Args:
         weights: this rank's weights of the layer, a list of contiguous tensors
@@ -510,6 +716,11 @@ def move_experts(
         control_group: a CPU (gloo) group with the same ranks as ``group`` for the two small
             exchanges (argument check, agreement); None: ``group`` itself (on NCCL each is a
             tiny all-reduce on the GPU with a device-to-host copy).
+        transport: "auto" (peer staging when the group is NCCL and all its ranks are on one
+            host, else the group), "peer" (torch symmetric memory staging written by copy
+            engines; ``ValueError`` where impossible) or "group" (``batch_isend_irecv``). Every
+            rank must pass the same. The first peer move of a group makes a staging buffer
+            (a collective rendezvous); it is kept for later moves (``release_staging``).
         profile: drain the device at the end of each phase so that ``MoveStats.phases``
             counts GPU time too (for benchmarks: it adds synchronisations).
 
@@ -527,25 +738,38 @@ def move_experts(
     first = weights[0] if isinstance(weights, Sequence) and weights else None
     device = first.device if isinstance(first, torch.Tensor) else None
     comm = comm_of(group, device)
-    control, move, bad, fingerprint = comm, None, None, 0
+    control, move, bad, fingerprint, mode = comm, None, None, 0, "group"
     timer = PhaseTimer(None, start)
     try:
         control = control_comm(comm, control_group)
         timer = PhaseTimer(device if flag("profile", profile) else None, start)
+        mode = transport_choice(transport, comm)
         ws = checked_weights("weights", weights)
         layer = layer_plan(plan, old_phy2log, new_phy2log, comm.size, ws[0].shape[0])
-        move = LayerMove(layer, ws, comm)
         fingerprint = placement_fingerprint(
-            torch.tensor(layer.old), torch.tensor(layer.new), weights_layout(ws)
+            torch.tensor(layer.old), torch.tensor(layer.new), f"{weights_layout(ws)}|{mode}"
         )
     except (TypeError, ValueError) as err:
         bad = err
-    check_together(control, bad, fingerprint, seconds)
+    wait_commits()  # no peer may write into staging that a commit still reads
+    prepared: list[LayerMove] = []
+
+    def prepare() -> None:  # while the ranks answer the check
+        move = LayerMove(layer, ws, comm)
+        move.stage_local(pack=mode == "group")
+        prepared.append(move)
+
+    failure = check_together(control, bad, fingerprint, seconds, prepare)
+    move = prepared[0] if prepared else LayerMove(layer, ws, comm)
+    peer = peer_for(comm, mode, ws[0].device)
     timer.lap("check")
 
-    failure = None
     try:
-        move.stage()
+        if failure is not None:
+            raise failure
+        if peer is not None:
+            peer.reserve(LayerMove.staging_bytes(layer, move.expert_bytes))
+        move.bind(peer)
         timer.lap("stage")
         move.post()
         timer.lap("post")
@@ -557,10 +781,12 @@ def move_experts(
         table = exchange(control, [int(failure is None)], seconds)
     except ExpertMoveError as err:
         move.abandon()
+        drop_staging(peer)
         raise err from failure
     failed = (table[:, 0] == 0).nonzero().flatten().tolist()
     if failed:
         move.abandon()
+        drop_staging(peer)
         raise ExpertMoveError(
             f"layer {move.plan.layer}: the transfers failed on rank(s) {failed}"
             + (f" (here: {failure!r})" if failure is not None else "")
@@ -568,6 +794,8 @@ def move_experts(
         ) from failure
     timer.lap("agree")
     move.commit()
+    if peer is not None:
+        peer.mark_read(torch.cuda.current_stream(peer.device))
     move.release()
     timer.lap("commit")
     sent, received, copied = move.stats

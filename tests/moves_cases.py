@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from eplb.move_exec import Push
+
 # Weight kinds of one expert: e.g. bf16 weights, int8 quantised weights, float32 scales.
 KINDS = ((torch.bfloat16, (3, 4)), (torch.int8, (5,)), (torch.float32, (2,)))
 BIG_KINDS = ((torch.bfloat16, (64, 256)), (torch.float32, (7,)))
@@ -132,11 +134,17 @@ def equal_weights(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b, strict=True))
 
 
+def _is_send(op: object) -> bool:
+    """An isend of the process group, or a push into a peer's staging."""
+    return isinstance(op, Push) or op.op is dist.isend
+
+
 def _count_messages(record: list) -> Callable[[str, dict], None]:
-    """A post hook that appends (isends, irecvs) of every batch of transfers to ``record``."""
+    """A post hook that appends (isends or pushes, irecvs) of every batch of transfers to
+    ``record``."""
 
     def hook(event: str, info: dict) -> None:
-        sends = sum(op.op is dist.isend for op in info["ops"])
+        sends = sum(_is_send(op) for op in info["ops"])
         record.append((sends, len(info["ops"]) - sends))
 
     return hook
@@ -146,20 +154,24 @@ def _sync_moves(
     rank: int, world: int, device, seeds: list[int], slots: int, kinds, control
 ) -> list:
     """Random one-layer moves; asserts bit-exact weights. Seeds alternate the options: none,
-    profile with a gloo control group, the control group alone. Returns per seed (seed, sent,
-    received, messages (isends, irecvs) posted, sorted phase names)."""
+    profile with a gloo control group, the control group alone (CUDA: the transport "auto"
+    then "group" for each). Returns per seed (seed, sent, received, messages (isends or
+    pushes, irecvs) posted, sorted phase names, transport option)."""
     from eplb import move_exec, move_experts
 
-    options = ({}, {"profile": True, "control_group": control}, {"control_group": control})
+    options = [{}, {"profile": True, "control_group": control}, {"control_group": control}]
+    if device.type == "cuda":
+        options += [{**o, "transport": "group"} for o in options]
     out = []
     for i, seed in enumerate(seeds):
+        option = options[i % len(options)]
         old, new = random_case(seed, world, slots)
         weights = rank_weights(old, rank, slots, 0, kinds, device)
         posted: list = []
         move_exec._FAULT_HOOK = _count_messages(posted)
         try:
             stats = move_experts(
-                weights, torch.tensor(old), torch.tensor(new), timeout=30.0, **options[i % 3]
+                weights, torch.tensor(old), torch.tensor(new), timeout=30.0, **option
             )
         finally:
             move_exec._FAULT_HOOK = None
@@ -167,7 +179,9 @@ def _sync_moves(
         assert equal_weights(weights, want), f"seed {seed}: weights differ after the move"
         assert all(t >= 0 for t in stats.phases.values()), stats.phases
         messages = posted[0] if posted else (0, 0)
-        out.append((seed, stats.bytes_sent, stats.bytes_received, messages, sorted(stats.phases)))
+        phases = sorted(stats.phases)
+        transport = option.get("transport", "auto")
+        out.append((seed, stats.bytes_sent, stats.bytes_received, messages, phases, transport))
     return out
 
 
@@ -212,10 +226,15 @@ def _async_moves(
     return steps, stats.bytes_received, stats.bytes_sent, mover.transfer_config, sorted(phases)
 
 
-# ExpertMover runs: (max_layers_in_flight, seed index, constructor options). On NCCL the
-# default max_ctas makes a transfer group of its own; None transfers on the group itself.
+# ExpertMover runs: (max_layers_in_flight, seed index, constructor options). On one host with
+# NCCL the default transport stages through peer memory; with transport "group" the default
+# max_ctas makes a transfer group of its own and None transfers on the group itself.
 ASYNC_RUNS = ((1, 0, {}), (2, -1, {"profile": True}))
-NCCL_ASYNC_RUNS = ((1, 0, {"max_ctas": None}), (2, -1, {"max_ctas": 1, "profile": True}))
+NCCL_ASYNC_RUNS = (
+    (1, 0, {"max_ctas": None, "transport": "group"}),
+    (2, -1, {"max_ctas": 1, "profile": True, "transport": "group"}),
+    (3, 1, {"transport": "peer", "max_ctas": None}),
+)
 
 
 def check_moves(rank: int, world: int, device: torch.device, seeds: list[int], slots: int) -> dict:
@@ -248,17 +267,23 @@ def _inject(scenario: str) -> Callable[[str, dict], None]:
             raise RuntimeError("injected failure before posting the sends")
         skip = scenario == "skip" or (scenario == "async" and info["layer"] == 1)
         if skip and info["rank"] == 0:
-            first_send = next(i for i, op in enumerate(info["ops"]) if op.op is dist.isend)
+            first_send = next(i for i, op in enumerate(info["ops"]) if _is_send(op))
             del info["ops"][first_send]
 
     return hook
 
 
 def check_faults(
-    rank: int, world: int, ports: list[int], scenarios: list[str], timeout: float
+    rank: int,
+    world: int,
+    ports: list[int],
+    scenarios: list[str],
+    timeout: float,
+    backend: str = "gloo",
 ) -> dict:
-    """Each scenario in a fresh gloo group; returns, per scenario, what was raised, how long it
-    took, whether every uncommitted layer kept its old weights, and the committed layers.
+    """Each scenario in a fresh group of ``backend`` (NCCL: the weights on the GPUs, moved
+    through peer staging); returns, per scenario, what was raised, how long it took, whether
+    every uncommitted layer kept its old weights, and the committed layers.
 
     Scenarios: see ``_inject``; "layout" / "layout_async": rank 1's weights have another
     layout than the others' (move_experts / ExpertMover)."""
@@ -269,21 +294,26 @@ def check_faults(
     record = {}
     for port, scenario in zip(ports, scenarios, strict=True):
         # A short group timeout: tearing down a group with abandoned transfers waits for it.
-        init_group(rank, world, port, "gloo", 2 * timeout)
+        device = init_group(rank, world, port, backend, 2 * timeout)
         move_exec._FAULT_HOOK = _inject(scenario)
         kinds = OTHER_KINDS if scenario.startswith("layout") and rank == 1 else KINDS
-        weights = [rank_weights(old, rank, slots, i, kinds) for i in range(layers)]
+        weights = [rank_weights(old, rank, slots, i, kinds, device) for i in range(layers)]
         begin = time.monotonic()
         raised, committed = None, []
         try:
+            # NCCL: peer staging, where a missing push fails its sender (a missing NCCL send
+            # would leave a receive pending that no one can cancel).
+            transport = {"transport": "peer"} if backend == "nccl" else {}
             if scenario in ("async", "layout_async"):
-                mover = ExpertMover(weights, timeout=timeout)
+                mover = ExpertMover(weights, timeout=timeout, **transport)
                 mover.start(torch.tensor([old] * layers), torch.tensor([new] * layers))
                 while not mover.done:
                     committed += mover.step()
                     time.sleep(0.002)
             else:
-                move_experts(weights[0], torch.tensor(old), torch.tensor(new), timeout=timeout)
+                move_experts(
+                    weights[0], torch.tensor(old), torch.tensor(new), timeout=timeout, **transport
+                )
         except ExpertMoveError as err:
             raised = repr(err)
         seconds = time.monotonic() - begin
@@ -321,6 +351,14 @@ def gloo_worker(
     dist.destroy_process_group()
     record["faults"] = check_faults(rank, world, ports[1:], scenarios, fault_timeout)
     torch.save(record, Path(out) / f"rank{rank}.pt")
+
+
+def nccl_fault_worker(
+    rank: int, world: int, ports: list[int], out: str, scenarios: list[str], timeout: float
+) -> None:
+    """One process per GPU: the fault scenarios on NCCL groups (peer staging)."""
+    record = check_faults(rank, world, ports, scenarios, timeout, "nccl")
+    torch.save(record, Path(out) / f"faults{rank}.pt")
 
 
 def nccl_worker(rank: int, world: int, port: int, out: str, seeds: list[int], slots: int) -> None:

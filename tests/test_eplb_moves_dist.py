@@ -205,4 +205,14 @@ def test_move_argument_checks() -> None:
         ExpertMover([weights], max_ctas=2.0)
     with pytest.raises(TypeError, match="profile"):
         ExpertMover([weights], profile=1)
+    with pytest.raises(ValueError, match="transport"):
+        move_experts(weights, old, new, transport="nvlink")
+    with pytest.raises(TypeError, match="transport"):
+        move_experts(weights, old, new, transport=1)
+    with pytest.raises(ValueError, match="transport='peer'"):  # CPU weights, one rank
+        move_experts(weights, old, new, transport="peer")
+    with pytest.raises(ValueError, match="transport"):
+        ExpertMover([weights], transport="copy")
+    with pytest.raises(ValueError, match="transport='peer'"):
+        ExpertMover([weights], transport="peer")
     assert equal_weights(weights, rank_weights([0, 1, 2], 0, 3, 0))  # nothing moved

@@ -1,7 +1,8 @@
 """Expert moves on GPUs with NCCL, one process per visible GPU (at least two): the same
 bit-exact checks as the CPU test (sync moves -- also profiled and with a gloo control group --
-and the async mover with the automatic gloo control group, on its own NCCL group limited to
-max_ctas CTAs and on the group itself), on bf16 experts with float32 scales."""
+through peer staging and over the group, and the async mover with the automatic gloo control
+group through peer staging, on its own NCCL group limited to max_ctas CTAs and on the group
+itself), on bf16 experts with float32 scales; and the fault scenarios through peer staging."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from moves_cases import (
     NCCL_ASYNC_RUNS,
     NVLS_OFF,
     free_port,
+    nccl_fault_worker,
     nccl_worker,
     random_case,
     spawn,
@@ -24,7 +26,9 @@ from eplb import plan_moves
 from eplb.move_async import DEFAULT_MAX_CTAS
 from eplb.move_exec import PHASES
 
-SEEDS = [5, 17]
+SEEDS = [5, 17, 23, 31, 40, 52]  # the six option sets of moves_cases._sync_moves on CUDA
+SCENARIOS = ["raise", "skip", "async", "layout", "layout_async"]
+FAULT_TIMEOUT = 5.0
 SLOTS = 6
 # moves_cases.BIG_KINDS: bf16 [64, 256] and float32 [7] per expert
 EXPERT_BYTES = 64 * 256 * 2 + 7 * 4
@@ -45,8 +49,11 @@ def test_nccl_moves_are_bit_exact(tmp_path: Path) -> None:
         received = [rec["sync"][i][2] for rec in records]
         assert received == [len(plan.recvs[r]) * EXPERT_BYTES for r in range(world)]
         assert sum(rec["sync"][i][1] for rec in records) == plan.bytes(EXPERT_BYTES)
-        for r, rec in enumerate(records):  # one message per peer and direction
-            messages = (len({d for d, _ in plan.sends[r]}), len({s for s, _, _ in plan.recvs[r]}))
+        for r, rec in enumerate(records):
+            # One message per peer and direction; peer staging: one push per receiving peer.
+            to, since = {d for d, _ in plan.sends[r]}, {s for s, _, _ in plan.recvs[r]}
+            peer = rec["sync"][i][5] != "group"
+            messages = (len(to), 0 if peer else len(since))
             assert rec["sync"][i][3] == messages and rec["sync"][i][4] == sorted(PHASES)
     runs = ASYNC_RUNS + NCCL_ASYNC_RUNS
     assert len(records[0]["async"]) == len(runs)
@@ -55,14 +62,38 @@ def test_nccl_moves_are_bit_exact(tmp_path: Path) -> None:
         assert all(s == steps[0] for s in steps), steps
         assert sorted(i for step in steps[0] for i in step) == [0, 1, 2, 3]
         max_ctas = options.get("max_ctas", DEFAULT_MAX_CTAS)
-        for rec in records:
-            _, received, sent, config, phases = rec["async"][k]
-            assert config == {
+        if options.get("transport", "group") != "group":
+            want = {"max_ctas": None, "group": "peer staging (copy engines)"}
+            if max_ctas is not None:
+                want["note"] = "max_ctas applies to NCCL transfers only"
+        else:
+            want = {
                 "max_ctas": max_ctas,
                 "group": "group" if max_ctas is None else "own NCCL group",
-            }, config
+            }
+        for rec in records:
+            _, received, sent, config, phases = rec["async"][k]
+            assert config == want, config
             # Profiled runs time the GPU work of every layer this rank sent or received in.
             if options.get("profile", False) and received + sent > 0:
                 assert {"stage_gpu", "transfer_gpu"} <= set(phases), phases
             else:
                 assert "transfer_gpu" not in phases and "stage_gpu" not in phases, phases
+
+
+def test_peer_staging_faults_raise_everywhere_and_leave_weights_intact(tmp_path: Path) -> None:
+    os.environ.update(NVLS_OFF)
+    world = min(torch.cuda.device_count(), 8)
+    ports = [free_port() for _ in SCENARIOS]
+    args = (ports, str(tmp_path), SCENARIOS, FAULT_TIMEOUT)
+    spawn(nccl_fault_worker, world, args, timeout=300)
+    records = [torch.load(tmp_path / f"faults{r}.pt") for r in range(world)]
+    for scenario in SCENARIOS:
+        for rank, rec in enumerate(records):
+            got = rec[scenario]
+            assert got["raised"] is not None and "ExpertMoveError" in got["raised"], (rank, got)
+            assert got["intact"], f"{scenario}, rank {rank}: uncommitted weights changed"
+            assert got["seconds"] < 3 * FAULT_TIMEOUT + 10, (scenario, rank, got["seconds"])
+        committed = [rec[scenario]["committed"] for rec in records]
+        assert all(c == committed[0] for c in committed), (scenario, committed)
+        assert set(committed[0]) <= {0}, (scenario, committed)

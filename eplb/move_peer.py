@@ -1,0 +1,196 @@
+"""Staging that the ranks of one host write into directly: torch symmetric memory + copy engines.
+
+On one host with NVLink (or PCIe peer access), a sender can write the rows a receiver needs
+straight into the receiver's staging buffer: the buffer is a symmetric allocation
+(``torch.distributed._symmetric_memory``), mapped into every rank's address space, and a
+``copy_`` from a live weight row into a peer's mapping is a peer-to-peer ``cudaMemcpyAsync``
+that the GPU's copy engines execute. So the transfer needs no packing, no receive call and no
+SM: the model's kernels keep every SM while weights move.
+
+The pool is one symmetric uint8 buffer per (process group, device), grown collectively when a
+move needs more (every rank computes the same size from the same plans) and kept for later
+moves, since making one takes a rendezvous of the whole group. ``release_staging`` frees it.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "PUSH_STREAMS",
+    "PeerStaging",
+    "drop_staging",
+    "peer_staging",
+    "release_staging",
+    "wait_commits",
+]
+
+# Streams the pushes of a synchronous move are spread over: one stream's copies run one after
+# another on one copy engine, several streams' copies run on several at once and fill the links
+# better (a background mover uses one: it is in no hurry, and takes less memory bandwidth from
+# the model's kernels).
+PUSH_STREAMS = 4
+
+# Pools by (id of the group, device index): a rendezvous per move would cost milliseconds. The
+# pool holds its group, so the id is not reused while the entry lives.
+_POOLS: dict[tuple[int, int], PeerStaging] = {}
+# (group, why it cannot use peer staging, "" if it can) by id of the group: decided once per
+# group, collectively.
+_REASONS: dict[int, tuple[object, str]] = {}
+
+
+class PeerStaging:
+    """A symmetric staging buffer of one process group on one host.
+
+    Attributes:
+        capacity: bytes of the buffer on every rank (the same everywhere).
+        local: uint8 ``[capacity]``, this rank's buffer (peers write into it).
+        ready: CUDA event recorded after the last commit that read ``local``; a move waits for
+            it before its check, so that no peer writes into bytes still being read.
+    """
+
+    def __init__(self, group: object, device: torch.device, streams: int = PUSH_STREAMS) -> None:
+        self.group, self.device = group, device
+        self.capacity = 0
+        self.local = torch.empty(0, dtype=torch.uint8, device=device)
+        self.ready: torch.cuda.Event | None = None
+        self._handle: object = None  # the rendezvous: keeps the peers' mappings alive
+        self._remote: list[torch.Tensor] = []
+        self.streams = [torch.cuda.Stream(device) for _ in range(streams)]
+
+    def reserve(self, nbytes: int) -> None:
+        """Grow to at least ``nbytes`` (collective: every rank calls it with the same value)."""
+        if nbytes <= self.capacity:
+            return
+        from torch.distributed import _symmetric_memory as symm
+
+        self.wait_ready()
+        self.local, self._remote = torch.empty(0, dtype=torch.uint8, device=self.device), []
+        self._handle, self.capacity = None, 0
+        local = symm.empty(nbytes, dtype=torch.uint8, device=self.device)
+        handle = symm.rendezvous(local, self.group)
+        self._remote = [
+            handle.get_buffer(peer, (nbytes,), torch.uint8, 0) for peer in range(handle.world_size)
+        ]
+        self.local, self._handle, self.capacity = local, handle, nbytes
+
+    def remote(self, rank: int, offset: int, nbytes: int) -> torch.Tensor:
+        """uint8 ``[nbytes]`` view of group rank ``rank``'s buffer from byte ``offset``."""
+        if offset < 0 or offset + nbytes > self.capacity:
+            raise ValueError(
+                f"staging write [{offset}, {offset + nbytes}) outside the {self.capacity}-byte "
+                f"buffer of rank {rank}"
+            )
+        return self._remote[rank][offset : offset + nbytes]
+
+    def push(
+        self,
+        copies: list[tuple[torch.Tensor, int, int]],
+        pause: Callable[[], None] | None = None,
+    ) -> torch.cuda.Event:
+        """Queue ``(source, rank, byte offset)`` copies into peers' buffers after the current
+        stream's work, spread over :attr:`streams`, calling ``pause`` between them; returns an
+        event on the current stream that completes with the last of them (the current stream
+        waits for them too)."""
+        current = torch.cuda.current_stream(self.device)
+        used = self.streams[: max(1, min(len(copies), len(self.streams)))]
+        for stream in used:
+            stream.wait_stream(current)
+        for i, (src, rank, offset) in enumerate(copies):
+            dst = self.remote(rank, offset, src.numel())
+            with torch.cuda.stream(used[i % len(used)]):
+                dst.copy_(src)
+            if pause is not None:
+                pause()
+        for stream in used:
+            current.wait_stream(stream)
+        event = torch.cuda.Event()
+        event.record(current)
+        return event
+
+    def mark_read(self, stream: torch.cuda.Stream) -> None:
+        """Record that ``stream``'s queued work is the last to read ``local``."""
+        self.ready = torch.cuda.Event()
+        self.ready.record(stream)
+
+    def wait_ready(self) -> None:
+        """Block until the last commit that read ``local`` has run."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+
+
+def _why_not(group: object, device: torch.device, size: int) -> str:
+    """Why ``group`` cannot stage through peer memory ("" if it can). Collective: every rank
+    gathers the hosts of all ranks."""
+    if device.type != "cuda":
+        return "the weights are not on a CUDA device"
+    if size < 2:
+        return "a single rank moves nothing between ranks"
+    try:
+        from torch.distributed import _symmetric_memory  # noqa: F401
+    except ImportError as err:  # torch built without distributed symmetric memory
+        return f"torch has no symmetric memory ({err})"
+    hosts: list = [None] * size
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    if len(set(hosts)) != 1:
+        return f"the ranks are on {len(set(hosts))} hosts"
+    return ""
+
+
+def peer_staging(
+    group: object, device: torch.device, size: int, shared: bool = True, streams: int = PUSH_STREAMS
+) -> tuple[PeerStaging | None, str]:
+    """A peer staging pool of ``group`` on ``device``, or (None, why not).
+
+    ``shared``: the pool that ``move_experts`` keeps per group; otherwise a new one (an
+    ``ExpertMover``'s own) pushing on ``streams`` streams. Collective on its first call per
+    group (every rank of the group must call it at the same point): the ranks gather their host
+    names, and peer staging is used only when they are all on one host.
+    """
+    pg = group if group is not None else dist.group.WORLD
+    if id(pg) not in _REASONS:
+        _REASONS[id(pg)] = (pg, _why_not(pg, device, size))
+    why = _REASONS[id(pg)][1]
+    if why:
+        return None, why
+    if not shared:
+        return PeerStaging(pg, device, streams), ""
+    key = (id(pg), device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _POOLS:
+        _POOLS[key] = PeerStaging(pg, device)
+    return _POOLS[key], ""
+
+
+# Pools dropped after a failed move: a copy still in flight may write into them, so their
+# memory is never freed or reused while the process lives.
+_DROPPED: list[PeerStaging] = []
+
+
+def drop_staging(pool: PeerStaging | None) -> None:
+    """Retire ``pool`` after a failed move (every rank does, at the same move): the next move
+    makes a new one, so that no late write of the failed move can reach it."""
+    if pool is None:
+        return
+    for key, value in list(_POOLS.items()):
+        if value is pool:
+            del _POOLS[key]
+    _DROPPED.append(pool)
+
+
+def wait_commits() -> None:
+    """Block until no commit still reads a pool (before a move lets peers write into it)."""
+    for pool in _POOLS.values():
+        pool.wait_ready()
+
+
+def release_staging() -> None:
+    """Free every peer staging pool of this process (after its last move; the next move
+    makes a new one, a collective rendezvous)."""
+    for pool in _POOLS.values():
+        pool.wait_ready()
+    _POOLS.clear()
