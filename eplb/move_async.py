@@ -425,6 +425,7 @@ class ExpertMover:
             flight.posted_at = time.perf_counter()
             event = torch.cuda.Event()
             event.record(self._stream)
+            move.prepare_commit()
             if timing:
                 for work in move.works:
                     work.wait()  # the side stream waits for the transfers (profiling only)

@@ -26,6 +26,7 @@ import datetime
 import math
 import time
 import zlib
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -198,10 +199,15 @@ def weights_layout(weights: Sequence[torch.Tensor]) -> str:
     return ";".join(f"{w.dtype}{tuple(w.shape[1:])}" for w in weights)
 
 
-def placement_fingerprint(old: torch.Tensor, new: torch.Tensor, layout: str = "") -> int:
-    """A CRC of two int64 placements and a weights' layout: ranks compare it to catch
-    differing arguments."""
-    data = torch.cat([old.reshape(-1), new.reshape(-1)]).to(torch.int64).numpy().tobytes()
+def placement_fingerprint(
+    old: torch.Tensor | Sequence[int], new: torch.Tensor | Sequence[int], layout: str = ""
+) -> int:
+    """A CRC of two placements (as int64) and a weights' layout: ranks compare it to catch
+    differing arguments. Tensors and sequences of the same values give the same CRC."""
+    if isinstance(old, torch.Tensor):
+        data = torch.cat([old.reshape(-1), new.reshape(-1)]).to(torch.int64).numpy().tobytes()
+    else:
+        data = array("q", [*old, *new]).tobytes()  # native int64, as numpy's
     return zlib.crc32(layout.encode(), zlib.crc32(data))
 
 
@@ -531,9 +537,9 @@ class LayerMove:
                 self.packs.append((dst, buf))
 
     def bind(self, peer: PeerStaging | None, region: int = 0) -> None:
-        """Take the staging rows -- from byte ``region`` of ``peer``'s buffer (which must hold
-        them), else a new buffer (the process group; ``peer`` must then be the one this move
-        was made with) -- and make the commit's views."""
+        """Take the staging rows: from byte ``region`` of ``peer``'s buffer (which must hold
+        them), else a new buffer (the process group; the rows to send are packed now if they
+        were not)."""
         self.peer, self.region = peer, region
         if peer is not None:
             self.packs = []
@@ -547,6 +553,9 @@ class LayerMove:
             self.staging = torch.empty(
                 (rows, self.expert_bytes), dtype=torch.uint8, device=self.rows[0].device
             )
+
+    def prepare_commit(self) -> None:
+        """Make the commit's views now (host work, e.g. while the transfers run)."""
         self.copies = self._commit_copies()
 
     def _ops(self) -> list[dist.P2POp]:
@@ -633,8 +642,8 @@ class LayerMove:
 
     def commit(self) -> None:
         """Write the new content of every changed slot (queued on the current stream), from
-        views made by :meth:`stage` (host time of a launching thread). One copy per row: on a
-        GPU each is a device-to-device memcpy, faster for rows of megabytes than one
+        the views of :meth:`prepare_commit` (made while the transfers ran). One copy per row: on
+        a GPU each is a device-to-device memcpy, faster for rows of megabytes than one
         multi-tensor copy kernel."""
         dst, src = self.copies if self.copies is not None else self._commit_copies()
         for d, s in zip(dst, src, strict=True):
@@ -746,9 +755,7 @@ def move_experts(
         mode = transport_choice(transport, comm)
         ws = checked_weights("weights", weights)
         layer = layer_plan(plan, old_phy2log, new_phy2log, comm.size, ws[0].shape[0])
-        fingerprint = placement_fingerprint(
-            torch.tensor(layer.old), torch.tensor(layer.new), f"{weights_layout(ws)}|{mode}"
-        )
+        fingerprint = placement_fingerprint(layer.old, layer.new, f"{weights_layout(ws)}|{mode}")
     except (TypeError, ValueError) as err:
         bad = err
     wait_commits()  # no peer may write into staging that a commit still reads
@@ -772,6 +779,7 @@ def move_experts(
         move.bind(peer)
         timer.lap("stage")
         move.post()
+        move.prepare_commit()  # while the transfers run
         timer.lap("post")
         move.wait(time.monotonic() + seconds)
         timer.lap("transfer")
