@@ -168,9 +168,9 @@ class ExpertMover:
             model computes; fewer CTAs take fewer SMs but move bytes more slowly. None:
             transfer on ``group`` itself (NCCL picks the CTAs). Ignored on CPU groups and with
             peer staging; see :attr:`transfer_config`.
-        transport: "group" (default: the transfers on ``max_ctas`` CTAs of NCCL, which
-            took less from a concurrent compute loop than copy engines at full speed, see
-            docs/benchmarks.md), "auto" or "peer", as for :func:`eplb.move_experts`. With peer
+        transport: "group" (default: the transfers on ``max_ctas`` CTAs of NCCL, which kept
+            a concurrent compute loop under 10% more often than copy engines at full speed,
+            see docs/benchmarks.md), "auto" or "peer", as for :func:`eplb.move_experts`. With peer
             staging the mover owns a staging buffer of ``max_layers_in_flight`` slots, each
             the largest layer's staging, made at the first ``start`` that needs more (a
             collective rendezvous) and kept; a slot is reused once every rank's commit of its
