@@ -18,8 +18,10 @@ whose share of changed slots is nearest 20 % is timed). Reports
   continuously in the background -- with the defaults (NCCL, 4 CTAs), with peer staging, and
   once per other ``max_ctas`` of ``--ctas`` (the transfers' NCCL CTAs), with the achieved
   transfer bandwidth and the host time of ``step()`` -- and with the same number of layers
-  moved synchronously. The loop waits for each forward on the compute stream, as a serving
-  loop waits for its output; the default configuration is also run with a device-wide
+  moved synchronously. Each configuration runs ``--loops`` loops, each right after a loop
+  without the mover; the record keeps every pair and reports the pair with the median
+  slow-down. The loop waits for each forward on the compute stream, as a serving loop waits
+  for its output; the default configuration is also run with a device-wide
   synchronisation per forward (the method of the first recorded runs, which also waits for the
   background transfers).
 
@@ -432,12 +434,22 @@ def bench_async(ctx: dict, result: dict) -> dict:
         )
         shuttle = Shuttle(mover, place, state)
         shuttle.start()
-        async_s = loop(shuttle.step)
-        layers, step_seconds = shuttle.layers, shuttle.step_seconds
+        # Paired loops: each with the mover right after one without, so that a drift of the
+        # machine (clocks, temperature) between configurations does not count.
+        pairs = []
+        for _ in range(ctx["loops"]):
+            alone_s = loop(lambda i: None)
+            before = shuttle.layers
+            pairs.append((alone_s, loop(shuttle.step), shuttle.layers - before))
+        slowdowns = [a / b - 1 for b, a, _ in pairs]
+        pick = sorted(range(len(pairs)), key=lambda k: slowdowns[k])[len(pairs) // 2]
+        alone_s, async_s, layers = pairs[pick]  # the pair with the median slow-down
+        step_seconds = shuttle.step_seconds / len(pairs)
         device_sync_s = None
         if not configs:  # the headline configuration: also the first recorded runs' method
+            before = shuttle.layers
             device_sync_s = loop(shuttle.step, device_sync=True)
-            device_sync_layers = shuttle.layers - layers
+            device_sync_layers = shuttle.layers - before
         shuttle.finish()
         correct = all(holds(w, place[state["at"]][i], rank) for i, w in enumerate(weights))
         transfer = shuttle.phases.get("transfer_gpu", shuttle.phases.get("transfer", 0.0))
@@ -447,14 +459,17 @@ def bench_async(ctx: dict, result: dict) -> dict:
             "transport": transport,
             "max_ctas": max_ctas,
             "transfer_config": mover.transfer_config,
+            "loops": ctx["loops"],
+            "paired_loop_seconds": [{"alone": b, "async": a, "layers": n} for b, a, n in pairs],
+            "async_slowdowns": slowdowns,
             "async_loop_seconds": async_s,
-            "async_slowdown": async_s / base_s - 1,
+            "async_slowdown": slowdowns[pick],
             "layers_moved": layers,
             "moves_started": shuttle.starts,
-            "async_added_seconds_per_layer": (async_s - base_s) / max(layers, 1),
+            "async_added_seconds_per_layer": (async_s - alone_s) / max(layers, 1),
             # max(bytes sent, bytes received) / time from posting to completion (GPU events)
             "transfer_gbps_per_rank": gathered(bandwidth),
-            "step_host_seconds_per_rank": gathered(step_seconds),
+            "step_host_seconds_per_rank": gathered(step_seconds),  # per loop, mean
             "mover_phase_seconds_per_rank": gathered(shuttle.phases),
             "correct": correct,
         }
@@ -606,6 +621,7 @@ def worker(
             "warmup": args.warmup,
             "repeats": args.repeats,
             "forwards": args.forwards,
+            "loops": args.loops,
             "group": None,
             "control": dist.new_group(backend="gloo"),  # CPU group of every rank (collective)
             "ctas": args.ctas,
@@ -705,6 +721,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--forwards", type=int, default=60, help="forwards per compute loop")
+    parser.add_argument(
+        "--loops", type=int, default=3, help="paired loops (alone, with the mover) per config"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="kill the run after this")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
@@ -714,6 +733,10 @@ def main() -> None:
         help="async mover max_ctas values to run, comma-separated ('none': the group's own)",
     )
     args = parser.parse_args()
+    if args.loops < 1 or args.forwards < 1:
+        parser.error(
+            f"--loops and --forwards must be at least 1, got {args.loops}, {args.forwards}"
+        )
     env_set = sorted(k for k in NVLS_OFF if k not in os.environ)
     os.environ.update({k: NVLS_OFF[k] for k in env_set})
     if env_set:
