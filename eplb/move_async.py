@@ -483,8 +483,8 @@ class ExpertMover:
             return []
         committed = []
         if self._pending is not None:
-            committed = self._use(self._pending)
-            self._pending = None
+            pending, self._pending = self._pending, None  # used once, even if it fails
+            committed = self._use(pending)
         self._fill()
         if self._inflight or self._todo:
             ready = 0

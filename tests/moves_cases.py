@@ -299,7 +299,7 @@ def check_faults(
         kinds = OTHER_KINDS if scenario.startswith("layout") and rank == 1 else KINDS
         weights = [rank_weights(old, rank, slots, i, kinds, device) for i in range(layers)]
         begin = time.monotonic()
-        raised, committed = None, []
+        raised, committed, mover = None, [], None
         try:
             # NCCL: peer staging, where a missing push fails its sender (a missing NCCL send
             # would leave a receive pending that no one can cancel).
@@ -318,6 +318,8 @@ def check_faults(
             raised = repr(err)
         seconds = time.monotonic() - begin
         move_exec._FAULT_HOOK = None
+        # After an error the mover is done: no step is pending, a new start() is allowed.
+        done = mover is None or (mover.done and mover.step() == [])
         intact = all(
             equal_weights(
                 weights[i], rank_weights(new if i in committed else old, rank, slots, i, kinds)
@@ -325,6 +327,7 @@ def check_faults(
             for i in range(layers)
         )
         record[scenario] = {
+            "done": done,
             "raised": raised,
             "seconds": seconds,
             "intact": intact,

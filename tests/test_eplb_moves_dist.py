@@ -100,6 +100,7 @@ def test_fault_raises_on_every_rank_quickly_and_leaves_weights_intact(
         assert got["raised"] is not None, f"rank {rank} did not raise"
         assert "ExpertMoveError" in got["raised"]
         assert got["intact"], f"rank {rank}: uncommitted weights changed"
+        assert got["done"], f"rank {rank}: the mover is not done after the error"
         # Bounded by the move's own waits, not by the group's timeout.
         assert got["seconds"] < 3 * FAULT_TIMEOUT + 2, (rank, got["seconds"])
     committed = [rec["faults"][scenario]["committed"] for rec in records]

@@ -93,6 +93,7 @@ def test_peer_staging_faults_raise_everywhere_and_leave_weights_intact(tmp_path:
             got = rec[scenario]
             assert got["raised"] is not None and "ExpertMoveError" in got["raised"], (rank, got)
             assert got["intact"], f"{scenario}, rank {rank}: uncommitted weights changed"
+            assert got["done"], f"{scenario}, rank {rank}: the mover is not done after the error"
             assert got["seconds"] < 3 * FAULT_TIMEOUT + 10, (scenario, rank, got["seconds"])
         committed = [rec[scenario]["committed"] for rec in records]
         assert all(c == committed[0] for c in committed), (scenario, committed)
