@@ -224,11 +224,7 @@ def _wait_works(works: Sequence[object], deadline: float, polls: bool) -> None:
     for work in works:
         try:
             if polls:
-                while not work.is_completed():
-                    now = time.monotonic()
-                    if now > deadline:
-                        raise TimeoutError("transfers did not complete within the timeout")
-                    time.sleep(0.0 if now < spin_until else _POLL_S)
+                _poll(work.is_completed, deadline, spin_until)
                 work.wait()  # orders the current stream after it; it has completed already
             else:
                 left = max(deadline - time.monotonic(), 1e-3)
@@ -242,10 +238,10 @@ def _wait_works(works: Sequence[object], deadline: float, polls: bool) -> None:
         raise failure
 
 
-def _wait_event(event: torch.cuda.Event, deadline: float) -> None:
-    """Poll a CUDA event until it completed; ``TimeoutError`` past ``deadline``."""
-    spin_until = time.monotonic() + _SPIN_S
-    while not event.query():
+def _poll(done: Callable[[], bool], deadline: float, spin_until: float) -> None:
+    """Call ``done()`` until it is true: spinning (yielding the GIL) until ``spin_until``, then
+    sleeping ``_POLL_S`` per poll; ``TimeoutError`` past ``deadline`` (``time.monotonic``)."""
+    while not done():
         now = time.monotonic()
         if now > deadline:
             raise TimeoutError("transfers did not complete within the timeout")
@@ -621,7 +617,7 @@ class LayerMove:
     def wait(self, deadline: float) -> None:
         """Block until this rank's transfers completed; raise on error or past ``deadline``."""
         if self.event is not None:
-            _wait_event(self.event, deadline)
+            _poll(self.event.query, deadline, time.monotonic() + _SPIN_S)
         else:
             _wait_works(self.works, deadline, self.comm.polls)
 
