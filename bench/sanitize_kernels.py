@@ -21,7 +21,7 @@ def main() -> None:
             idx[0, 0] = N_LOGICAL + 5  # out of range: flagged and ignored, never read out of bounds
             # The first call of a key runs the custom ops, the next ones the eager fast path
             # (lplb/fast_path.py); the third sums the workload through an exchange in between.
-            # With 2 chunks, map_idx's warps hold only part of their tokens (its tail path).
+            # With 2 chunks, map_idx walks each chunk in several rounds.
             for n_sms in (37, 2):
                 for call in range(3):
                     planner._exchange = (lambda w: w * 2) if call == 2 else None

@@ -90,7 +90,7 @@ def _random_probs(gen: torch.Generator, shape: tuple) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("reordered", [False, True])
-# (20000, 8) in 2 chunks: more tokens per warp than map_idx holds in registers (its tail path).
+# (20000, 8) in 2 chunks: several rounds of map_idx per chunk.
 @pytest.mark.parametrize(
     ("shape", "n_sms"), [((16384, 8), 132), ((999, 8), 13), ((7, 2), 32), ((20000, 8), 2)]
 )
@@ -126,6 +126,32 @@ def test_map_idx_matches_reference(shape, n_sms: int, reordered: bool, dtype) ->
         planner.prob_index >= 0, torch.floor(counts.double() * share + 0.5), counts.double()
     )
     assert torch.equal(to_original.double(), keep)
+
+
+# Replicated-expert ids of up to 11 bits, id scans over several tiles of the block, fewer warps
+# than 32 (E = 2048 fills shared memory), many rounds per chunk, experts sharing a share index.
+@pytest.mark.parametrize(
+    ("n_logical", "replicated", "n_sms"), [(2048, 2048, 3), (1500, 700, 5), (40, 0, 2)]
+)
+def test_map_idx_many_replicated_experts_matches_reference(n_logical, replicated, n_sms) -> None:
+    gen = torch.Generator().manual_seed(n_logical + replicated)
+    idx = _random_idx(gen, (30000, 8), n_logical, torch.int64)
+    n_probs = replicated + 5
+    probs = _random_probs(gen, (n_probs,))
+    prob_index = torch.full((n_logical,), -1, dtype=torch.int32)
+    chosen = torch.randperm(n_logical, generator=gen)[:replicated]
+    prob_index[chosen] = torch.randint(0, n_probs, (replicated,), generator=gen, dtype=torch.int32)
+    log2phy = torch.full((n_logical, 2), -1, dtype=torch.int32)
+    log2phy[:, 0] = torch.randperm(n_logical, generator=gen).to(torch.int32)
+    log2phy[chosen, 1] = n_logical + torch.arange(replicated, dtype=torch.int32)
+    flag = torch.zeros(1, dtype=torch.int32, device=CUDA)
+    _, by_sm = torch.ops.lplb.count_idx(idx.to(CUDA), flag, n_logical, n_sms)
+    got = torch.ops.lplb.map_idx(
+        idx.to(CUDA), probs.to(CUDA), by_sm, log2phy.to(CUDA), prob_index.to(CUDA), flag
+    ).cpu()
+    _, by_sm_cpu = reference.count_idx(idx, n_logical, n_sms)
+    assert int(flag) == 0
+    assert torch.equal(got, reference.map_idx(idx, probs, by_sm_cpu, log2phy, prob_index))
 
 
 def test_map_idx_does_not_depend_on_n_sms() -> None:
