@@ -15,8 +15,9 @@ whose share of changed slots is nearest 20 % is timed). Reports
   (device drained after each phase), the time of each phase (check, stage, post, transfer,
   agree, commit) per rank;
 * a bf16 matmul loop (the model's compute) alone, with the async mover moving layers
-  continuously in the background -- with the defaults (NCCL, 4 CTAs), with peer staging, and
-  once per other ``max_ctas`` of ``--ctas`` (the transfers' NCCL CTAs), with the achieved
+  continuously in the background -- with the default (peer staging on one host), over the
+  group with NCCL at 4 CTAs, and once per other ``max_ctas`` of ``--ctas`` (the transfers'
+  NCCL CTAs), with the achieved
   transfer bandwidth and the host time of ``step()`` -- and with the same number of layers
   moved synchronously. Each configuration runs ``--loops`` loops, each right after a loop
   without the mover; the record keeps every pair and reports the pair with the median
@@ -114,6 +115,23 @@ def fill(weights: list[torch.Tensor], placement: torch.Tensor, rank: int) -> Non
     values = placement[rank * slots : (rank + 1) * slots].to(weights[0].dtype)
     for w in weights:
         w.copy_(values.to(w.device).view(-1, *([1] * (w.dim() - 1))).expand_as(w))
+
+
+def layer_weights(size: dict, place: dict, rank: int, device: torch.device) -> list:
+    """LAYERS lists of ``size["mats"]`` bf16 tensors ``[slots, rows, cols]``, filled as this
+    rank's slots of the old placement."""
+    weights = [
+        [
+            torch.empty(
+                size["slots"], size["rows"], size["cols"], dtype=torch.bfloat16, device=device
+            )
+            for _ in range(size["mats"])
+        ]
+        for _ in range(LAYERS)
+    ]
+    for layer in range(LAYERS):
+        fill(weights[layer], place["old"][layer], rank)
+    return weights
 
 
 def holds(weights: list[torch.Tensor], placement: torch.Tensor, rank: int) -> bool:
@@ -416,9 +434,9 @@ def bench_async(ctx: dict, result: dict) -> dict:
     state = {"at": "old"}
     configs: list[dict] = []
     result.update(compute_alone_seconds=base, default_max_ctas=DEFAULT_MAX_CTAS, configs=configs)
-    # The defaults first (NCCL, DEFAULT_MAX_CTAS), then peer staging (one host), then the
-    # other max_ctas.
-    order = [("group", DEFAULT_MAX_CTAS), ("auto", None)] + [
+    # The default first ("auto": peer staging on this host), then over the group with NCCL at
+    # DEFAULT_MAX_CTAS and at the other max_ctas.
+    order = [("auto", None), ("group", DEFAULT_MAX_CTAS)] + [
         ("group", c) for c in ctx["ctas"] if c != DEFAULT_MAX_CTAS
     ]
     for transport, max_ctas in order:
@@ -599,17 +617,7 @@ def worker(
         record["placement"] = {
             k: place[k] for k in ("num_logical", "drift_sigma", "changed_share", "sync_layer")
         }
-        weights = [
-            [
-                torch.empty(
-                    size["slots"], size["rows"], size["cols"], dtype=torch.bfloat16, device=device
-                )
-                for _ in range(size["mats"])
-            ]
-            for _ in range(LAYERS)
-        ]
-        for layer in range(LAYERS):
-            fill(weights[layer], place["old"][layer], rank)
+        weights = layer_weights(size, place, rank, device)
         ctx = {
             "rank": rank,
             "world": world,

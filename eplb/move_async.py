@@ -8,11 +8,12 @@ previous step's: it commits on every rank the same layers (those ready everywher
 order) and returns their ids, so the caller switches those layers' routing at the same time.
 At most ``max_layers_in_flight`` layers hold staging memory.
 
-On NCCL the transfers run by default on a communicator of their own, limited to ``max_ctas``
-thread blocks (CTAs, one SM each), so that they take few SMs from the model's kernels. With
-``transport="auto"`` or ``"peer"`` on one host, senders copy their rows straight into the
-receivers' staging instead (torch symmetric memory, copy engines): no SM moves bytes, but the
-copies run at full speed and take memory bandwidth.
+On one host (``transport="auto"``, the default, or ``"peer"``), senders copy their rows straight
+into the receivers' staging (torch symmetric memory, copy engines): no SM moves bytes, but the
+copies run at full speed and take memory bandwidth. Over the group (several hosts, or
+``transport="group"``), the transfers run on an NCCL communicator of their own, limited to
+``max_ctas`` thread blocks (CTAs, one SM each), so that they take few SMs from the model's
+kernels.
 """
 
 from __future__ import annotations
@@ -124,11 +125,6 @@ class _InFlight:
         return 0
 
 
-def _yield_gil() -> None:
-    """Release the GIL for a moment (``time.sleep`` releases it, even for 0 s)."""
-    time.sleep(0)
-
-
 def _nccl_options(max_ctas: int) -> tuple[object | None, str]:
     """``ProcessGroupNCCL.Options`` limiting a communicator to ``max_ctas`` CTAs, or (None, why)
     when this torch build cannot set it."""
@@ -168,9 +164,9 @@ class ExpertMover:
             model computes; fewer CTAs take fewer SMs but move bytes more slowly. None:
             transfer on ``group`` itself (NCCL picks the CTAs). Ignored on CPU groups and with
             peer staging; see :attr:`transfer_config`.
-        transport: "group" (default: the transfers on ``max_ctas`` CTAs of NCCL, which kept
-            a concurrent compute loop under 10% more often than copy engines at full speed,
-            see docs/benchmarks.md), "auto" or "peer", as for :func:`eplb.move_experts`. With peer
+        transport: "auto" (default), "peer" or "group", as for :func:`eplb.move_experts`:
+            on one host peer staging (copy engines, no SMs), else the transfers on
+            ``max_ctas`` CTAs of NCCL (docs/moves.md compares the two). With peer
             staging the mover owns a staging buffer of ``max_layers_in_flight`` slots, each
             the largest layer's staging, made at the first ``start`` that needs more (a
             collective rendezvous) and kept; a slot is reused once every rank's commit of its
@@ -189,7 +185,7 @@ class ExpertMover:
         timeout: float | datetime.timedelta = 60.0,
         control_group: object = None,
         max_ctas: int | None = DEFAULT_MAX_CTAS,
-        transport: str = "group",
+        transport: str = "auto",
         profile: bool = False,
     ) -> None:
         if isinstance(weights_per_layer, torch.Tensor) or not isinstance(
@@ -246,6 +242,10 @@ class ExpertMover:
         self._launcher = (
             ThreadPoolExecutor(1, thread_name_prefix="eplb-mover") if self._stream else None
         )
+        # Cleared while step() runs: the launch thread then parks at its next row instead of
+        # competing for the GIL with the caller's thread (step's host time is the model's).
+        self._caller_idle = threading.Event()
+        self._caller_idle.set()
         self._pending: Exchange | None = None  # the step exchange posted by the last step()
         self._plans: list = []
         self._todo: deque[int] = deque()
@@ -411,9 +411,10 @@ class ExpertMover:
     def _launch_cuda(self, flight: _InFlight) -> None:
         """The launch thread's part: staging, packing or pushing, and posting, queued on the
         side stream."""
+        self._pause()
         begin = time.perf_counter()
         move = flight.move
-        move.pause = _yield_gil
+        move.pause = self._pause
         with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
             timing = [torch.cuda.Event(enable_timing=True) for _ in range(3 * self._profile)]
             if timing:
@@ -433,6 +434,12 @@ class ExpertMover:
                 flight.timing = tuple(timing)
             flight.event = event
         self._add("launch_thread", time.perf_counter() - begin)
+
+    def _pause(self) -> None:
+        """The launch thread, between rows: wait while ``step()`` runs, then let go of the GIL
+        for a moment (``time.sleep`` releases it, even for 0 s) for the caller's launches."""
+        self._caller_idle.wait()
+        time.sleep(0)
 
     def _fill(self) -> None:
         """Launch layers while fewer than ``max_layers_in_flight`` staged layers are in flight.
@@ -481,6 +488,13 @@ class ExpertMover:
         """
         if self.done:
             return []
+        self._caller_idle.clear()
+        try:
+            return self._step()
+        finally:
+            self._caller_idle.set()
+
+    def _step(self) -> list[int]:
         committed = []
         if self._pending is not None:
             pending, self._pending = self._pending, None  # used once, even if it fails
@@ -564,6 +578,7 @@ class ExpertMover:
     def _fail(self, drop: bool = True) -> None:
         """Drop every uncommitted layer. CPU backends: first let the waiter threads finish (by
         their deadlines), so that no transfer is left pending on a buffer that is freed."""
+        self._caller_idle.set()  # settle() waits for the launch thread, which must not park
         for flight in self._inflight:
             flight.settle()
             if flight.thread is not None:

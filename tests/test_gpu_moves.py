@@ -62,7 +62,7 @@ def test_nccl_moves_are_bit_exact(tmp_path: Path) -> None:
         assert all(s == steps[0] for s in steps), steps
         assert sorted(i for step in steps[0] for i in step) == [0, 1, 2, 3]
         max_ctas = options.get("max_ctas", DEFAULT_MAX_CTAS)
-        if options.get("transport", "group") != "group":
+        if options.get("transport", "auto") != "group":
             want = {"max_ctas": None, "group": "peer staging (copy engines)"}
             if max_ctas is not None:
                 want["note"] = "max_ctas applies to NCCL transfers only"

@@ -1,0 +1,146 @@
+"""Where ``ExpertMover.step()`` spends its host time (not a benchmark: cProfile adds overhead).
+
+bench_moves.py's async setup (DeepSeek-V3-sized experts, 4 layers moved back and forth, a
+matmul loop that waits for each forward and calls ``step()`` in the gap, a gloo control group):
+per transport, the host time of every ``step()`` call (median, p90, max, total) on every rank,
+the mover's own phase totals, and rank 0's cProfile of its ``step()`` calls (top functions by
+own time), as JSON.
+
+    python bench/profile_mover.py [--gpus 2] [--forwards 60] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import json
+import os
+import pstats
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from bench_moves import (
+    NVLS_OFF,
+    REAL,
+    Shuttle,
+    compute_loop,
+    gathered,
+    layer_weights,
+    placements,
+    stream_wait,
+    versions,
+)
+
+import eplb
+from eplb.fileio import atomic_write_text
+
+TOP = 25  # cProfile rows kept
+
+
+def profile_transport(ctx: dict, transport: str) -> dict:
+    rank, device = ctx["rank"], ctx["device"]
+    mover = eplb.ExpertMover(
+        ctx["weights"],
+        None,
+        max_layers_in_flight=1,
+        timeout=120.0,
+        control_group=ctx["control"],
+        transport=transport,
+        profile=True,
+    )
+    shuttle = Shuttle(mover, ctx["place"], ctx["state"])
+    shuttle.start()
+    forward, wait = ctx["forward"], stream_wait(device)
+    profiler = cProfile.Profile()
+    step_seconds = []
+    dist.barrier()
+    for _ in range(ctx["forwards"]):
+        forward()
+        wait()
+        begin = time.perf_counter()
+        if rank == 0:
+            profiler.enable()
+        shuttle.step()
+        if rank == 0:
+            profiler.disable()
+        step_seconds.append(time.perf_counter() - begin)
+    wait()
+    shuttle.finish()
+    step_seconds.sort()
+    mine = {
+        "median_us": statistics.median(step_seconds) * 1e6,
+        "p90_us": step_seconds[int(0.9 * len(step_seconds))] * 1e6,
+        "max_us": step_seconds[-1] * 1e6,
+        "total_ms": sum(step_seconds) * 1e3,
+        "layers_committed": shuttle.layers,
+        "mover_phase_seconds": shuttle.phases,
+    }
+    out = {"transfer_config": mover.transfer_config, "per_rank": gathered(mine)}
+    if rank == 0:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(TOP)
+        out["rank0_cprofile_by_own_time"] = [
+            line.rstrip() for line in text.getvalue().splitlines() if line.strip()
+        ]
+    return out
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+    os.environ.update(NVLS_OFF)
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    try:
+        place = placements(world, REAL["slots"])
+        weights = layer_weights(REAL, place, rank, device)
+        ctx = {
+            "rank": rank,
+            "device": device,
+            "place": place,
+            "weights": weights,
+            "state": {"at": "old"},
+            "control": dist.new_group(backend="gloo"),
+            "forward": compute_loop(REAL["mm"], device, torch.bfloat16),
+            "forwards": args.forwards,
+        }
+        for _ in range(3):
+            ctx["forward"]()
+        record = {**versions(device), "ranks": world, "forwards": args.forwards}
+        record["transports"] = {t: profile_transport(ctx, t) for t in ("group", "auto")}
+        if rank == 0:
+            atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
+            for t, r in record["transports"].items():
+                print(t, [round(x["median_us"]) for x in r["per_rank"]], "us median step")
+                print("\n".join(r["rank0_cprofile_by_own_time"][:30]))
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--forwards", type=int, default=60)
+    parser.add_argument("--out", type=Path, default=Path("profile_mover.json"))
+    args = parser.parse_args()
+    os.environ.update(NVLS_OFF)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(worker, args=(args.gpus, port, args), nprocs=args.gpus, start_method="spawn")
+
+
+if __name__ == "__main__":
+    main()
