@@ -8,6 +8,7 @@ One spawn per world size runs everything (moves_cases.gloo_worker); the tests ch
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,36 @@ def test_one_rank_mover_commits_layer_by_layer_and_aborts() -> None:
     for i, (o, n) in enumerate(cases):
         want = after_move(o, n) if i == 0 else o
         assert equal_weights(weights[i], rank_weights(want, 0, 5, i))
+
+
+def test_launch_thread_pause_waits_while_step_runs() -> None:
+    """On GPUs the launch thread calls ``_pause`` between rows: it must block while ``step()``
+    runs (even one that raises), go on afterwards, and be released by a failure inside
+    ``step()`` before it waits for the launch thread (else the two would wait for each other).
+    """
+    old, new = random_case(7, 1, 4)
+    mover = ExpertMover([rank_weights(old, 0, 4, 0)], max_layers_in_flight=1)
+    mover.start(torch.tensor([old]), torch.tensor([new]))
+    seen = []
+
+    def step_body() -> list[int]:
+        paused = threading.Thread(target=mover._pause)
+        paused.start()
+        paused.join(0.2)
+        seen.append(paused.is_alive())  # parked while step() runs
+        mover._fail()  # a failure inside step() releases it
+        paused.join(2.0)
+        seen.append(paused.is_alive())
+        raise RuntimeError("fault inside step")
+
+    mover._step = step_body
+    with pytest.raises(RuntimeError, match="fault inside step"):
+        mover.step()
+    assert seen == [True, False]
+    idle = threading.Thread(target=mover._pause)
+    idle.start()
+    idle.join(2.0)
+    assert not idle.is_alive()  # after step(), even a failed one, the thread goes on
 
 
 def test_one_rank_move_of_odd_dtypes_and_shapes() -> None:
