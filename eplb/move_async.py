@@ -527,11 +527,12 @@ class ExpertMover:
             self._fail()
             raise
         self._add("exchange", time.perf_counter() - begin)
-        self._freed = int(table[:, 1].min())
-        counts = table[:, 0]
-        if (counts < 0).any():
+        rows = table.tolist()  # a few ints: Python is cheaper than tensor ops here
+        self._freed = min(commits_run for _, commits_run in rows)
+        counts = [ready for ready, _ in rows]
+        if min(counts) < 0:
             layer = self._inflight[0].layer
-            failed = (counts < 0).nonzero().flatten().tolist()
+            failed = [rank for rank, ready in enumerate(counts) if ready < 0]
             local = next((f.error for f in self._inflight if f.error is not None), None)
             self._fail()
             raise ExpertMoveError(
@@ -541,7 +542,7 @@ class ExpertMover:
             ) from local
         committed = []
         begin = time.perf_counter()
-        for _ in range(int(counts.min())):
+        for _ in range(min(counts)):
             flight = self._inflight.popleft()
             self._commit(flight)
             committed.append(flight.layer)
