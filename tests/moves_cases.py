@@ -113,8 +113,12 @@ def random_case(seed: int, world: int, slots: int) -> tuple[list[int], list[int]
     return old, [e if e in present else -1 for e in new]
 
 
-def init_group(rank: int, world: int, port: int, backend: str, timeout: float) -> torch.device:
-    """Join a fresh default process group; returns this rank's device."""
+def init_group(
+    rank: int, world: int, where: int | str, backend: str, timeout: float
+) -> torch.device:
+    """Join a fresh default process group at ``where`` (a TCP port on 127.0.0.1, or an
+    ``init_method`` URL: ``file://`` cannot collide with a port the OS handed out meanwhile);
+    returns this rank's device."""
     os.environ.update(NVLS_OFF)
     device = torch.device("cpu")
     if backend == "nccl":
@@ -122,7 +126,7 @@ def init_group(rank: int, world: int, port: int, backend: str, timeout: float) -
         device = torch.device("cuda", rank)
     dist.init_process_group(
         backend,
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=where if isinstance(where, str) else f"tcp://127.0.0.1:{where}",
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout),
@@ -276,7 +280,7 @@ def _inject(scenario: str) -> Callable[[str, dict], None]:
 def check_faults(
     rank: int,
     world: int,
-    ports: list[int],
+    places: list[int] | list[str],
     scenarios: list[str],
     timeout: float,
     backend: str = "gloo",
@@ -292,9 +296,9 @@ def check_faults(
     slots, layers = 3, 3
     old, new = _shifted(world, slots)
     record = {}
-    for port, scenario in zip(ports, scenarios, strict=True):
+    for where, scenario in zip(places, scenarios, strict=True):
         # A short group timeout: tearing down a group with abandoned transfers waits for it.
-        device = init_group(rank, world, port, backend, 2 * timeout)
+        device = init_group(rank, world, where, backend, 2 * timeout)
         move_exec._FAULT_HOOK = _inject(scenario)
         kinds = OTHER_KINDS if scenario.startswith("layout") and rank == 1 else KINDS
         weights = [rank_weights(old, rank, slots, i, kinds, device) for i in range(layers)]
@@ -340,7 +344,7 @@ def check_faults(
 def gloo_worker(
     rank: int,
     world: int,
-    ports: list[int],
+    places: list[int] | list[str],
     out: str,
     seeds: list[int],
     slots: int,
@@ -348,19 +352,20 @@ def gloo_worker(
     fault_timeout: float,
 ) -> None:
     """CPU processes: the moves on one group, then each fault scenario on a fresh group (one
-    spawn for everything: starting processes that import torch dominates the test time)."""
-    device = init_group(rank, world, ports[0], "gloo", 60.0)
+    spawn for everything: starting processes that import torch dominates the test time).
+    ``places``: where each group meets (``init_group``), the moves' first."""
+    device = init_group(rank, world, places[0], "gloo", 60.0)
     record = {"moves": check_moves(rank, world, device, seeds, slots)}
     dist.destroy_process_group()
-    record["faults"] = check_faults(rank, world, ports[1:], scenarios, fault_timeout)
+    record["faults"] = check_faults(rank, world, places[1:], scenarios, fault_timeout)
     torch.save(record, Path(out) / f"rank{rank}.pt")
 
 
 def nccl_fault_worker(
-    rank: int, world: int, ports: list[int], out: str, scenarios: list[str], timeout: float
+    rank: int, world: int, places: list[str], out: str, scenarios: list[str], timeout: float
 ) -> None:
     """One process per GPU: the fault scenarios on NCCL groups (peer staging)."""
-    record = check_faults(rank, world, ports, scenarios, timeout, "nccl")
+    record = check_faults(rank, world, places, scenarios, timeout, "nccl")
     torch.save(record, Path(out) / f"faults{rank}.pt")
 
 

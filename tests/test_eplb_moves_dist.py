@@ -16,7 +16,6 @@ import torch
 from moves_cases import (
     after_move,
     equal_weights,
-    free_port,
     gloo_worker,
     random_case,
     rank_weights,
@@ -36,8 +35,9 @@ FAULT_TIMEOUT = 1.0
 def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     world = request.param
     out = tmp_path_factory.mktemp(f"moves{world}")
-    ports = [free_port() for _ in range(1 + len(SCENARIOS))]
-    args = (ports, str(out), SEEDS, SLOTS, SCENARIOS, FAULT_TIMEOUT)
+    # File rendezvous: ports picked up front can be taken by the earlier groups' connections.
+    places = [f"file://{out}/group{i}" for i in range(1 + len(SCENARIOS))]
+    args = (places, str(out), SEEDS, SLOTS, SCENARIOS, FAULT_TIMEOUT)
     spawn(gloo_worker, world, args, timeout=240)
     return world, [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
 

@@ -84,8 +84,9 @@ def test_nccl_moves_are_bit_exact(tmp_path: Path) -> None:
 def test_peer_staging_faults_raise_everywhere_and_leave_weights_intact(tmp_path: Path) -> None:
     os.environ.update(NVLS_OFF)
     world = min(torch.cuda.device_count(), 8)
-    ports = [free_port() for _ in SCENARIOS]
-    args = (ports, str(tmp_path), SCENARIOS, FAULT_TIMEOUT)
+    # File rendezvous: ports picked up front can be taken by the earlier groups' connections.
+    places = [f"file://{tmp_path}/group{i}" for i in range(len(SCENARIOS))]
+    args = (places, str(tmp_path), SCENARIOS, FAULT_TIMEOUT)
     spawn(nccl_fault_worker, world, args, timeout=300)
     records = [torch.load(tmp_path / f"faults{r}.pt") for r in range(world)]
     for scenario in SCENARIOS:
