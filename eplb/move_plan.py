@@ -143,9 +143,9 @@ def _plan_layer(
     for r, e in holder_slot:
         holders.setdefault(e, []).append(r)
 
-    sent = [0] * num_ranks
-    keep, copies, recvs = [], [], []
-    sends: list[list[tuple[int, int]]] = [[] for _ in range(num_ranks)]
+    keep, copies = [], []
+    # Receives to make: (receiving rank, expert, its slots to fill), in rank then slot order.
+    wanted: list[tuple[int, int, list[int]]] = []
     for r in range(num_ranks):
         o, n = old[r * slots : (r + 1) * slots], new[r * slots : (r + 1) * slots]
         keep.append(tuple(s for s in range(slots) if n[s] >= 0 and n[s] == o[s]))
@@ -153,27 +153,30 @@ def _plan_layer(
         for s in range(slots):
             if n[s] >= 0 and n[s] != o[s]:
                 need.setdefault(n[s], []).append(s)
-        rank_copies, rank_recvs = [], []
+        rank_copies = []
         for e, dsts in need.items():
             if (r, e) in holder_slot:
                 src = _local_source(e, o, n)
                 rank_copies += [(src, d) for d in dsts]
-                continue
-
-            # Spread sends: same node first, then the holder that sent least so far, then the
-            # nearest rank above r (so equal holders are used round-robin, deterministically).
-            def cost(h: int, r: int = r) -> tuple[int, int, int]:
-                far = 0 if per_node is None else int(h // per_node != r // per_node)
-                return far, sent[h], (h - r) % num_ranks
-
-            src_rank = min(holders[e], key=cost)
-            sent[src_rank] += 1
-            src_slot = holder_slot[src_rank, e]
-            rank_recvs.append((src_rank, src_slot, dsts[0]))
-            sends[src_rank].append((r, src_slot))
-            rank_copies += [(dsts[0], d) for d in dsts[1:]]
+            else:
+                wanted.append((r, e, dsts))
+                rank_copies += [(dsts[0], d) for d in dsts[1:]]
         copies.append(tuple(sorted(rank_copies, key=lambda c: c[1])))
-        recvs.append(tuple(rank_recvs))
+
+    def candidates(r: int, e: int) -> list[int]:
+        """Holders that may send ``e`` to ``r``: those on r's node if any, else all; nearest
+        rank above r first (so equal holders take turns)."""
+        near = [h for h in holders[e] if per_node is None or h // per_node == r // per_node]
+        return sorted(near or holders[e], key=lambda h: (h - r) % num_ranks)
+
+    options = [candidates(r, e) for r, e, _ in wanted]
+    source = _balanced_senders(options, num_ranks)
+    recvs: list[list[tuple[int, int, int]]] = [[] for _ in range(num_ranks)]
+    sends: list[list[tuple[int, int]]] = [[] for _ in range(num_ranks)]
+    for (r, e, dsts), src_rank in zip(wanted, source, strict=True):
+        src_slot = holder_slot[src_rank, e]
+        recvs[r].append((src_rank, src_slot, dsts[0]))
+        sends[src_rank].append((r, src_slot))
     return MovePlan(
         layer=layer,
         num_ranks=num_ranks,
@@ -182,9 +185,63 @@ def _plan_layer(
         new=tuple(new),
         keep=tuple(keep),
         copies=tuple(copies),
-        recvs=tuple(recvs),
+        recvs=tuple(tuple(r) for r in recvs),
         sends=tuple(tuple(s) for s in sends),
     )
+
+
+def _balanced_senders(options: list[list[int]], num_ranks: int) -> list[int]:
+    """A sender for every receive, from its ``options`` (ranks, preferred first), such that the
+    most sends of any rank is as small as possible: that rank's link time bounds the move.
+
+    Receives with fewer options choose first, each the option that sends least so far; then,
+    while some most-loaded rank can hand one send down a chain of reassignments to a rank with
+    at least two sends fewer, the chain is applied (breadth first). With no such chain left the
+    largest load is minimal (unit jobs with restricted assignment: an assignment without a
+    load-reducing path is optimal). Deterministic: every rank computes the same senders.
+    """
+    load = [0] * num_ranks
+    source = [-1] * len(options)
+    for i in sorted(range(len(options)), key=lambda i: (len(options[i]), i)):
+        source[i] = min(options[i], key=lambda h: load[h])
+        load[source[i]] += 1
+    while True:
+        path = _relief_path(options, source, load)
+        if path is None:
+            return source
+        load[source[path[0][0]]] -= 1
+        load[path[-1][1]] += 1
+        for i, h in path:
+            source[i] = h
+
+
+def _relief_path(
+    options: list[list[int]], source: list[int], load: list[int]
+) -> list[tuple[int, int]] | None:
+    """Reassignments ``(receive, new sender)`` that take one send off a most-loaded rank and
+    give one to a rank with at least two sends fewer, every rank between keeping its load; None
+    if there is none (breadth first, in rank and receive order)."""
+    top = max(load, default=0)
+    by_source: list[list[int]] = [[] for _ in load]
+    for i, h in enumerate(source):
+        by_source[h].append(i)
+    came: dict[int, tuple[int, int] | None] = {h: None for h, n in enumerate(load) if n == top}
+    queue = list(came)
+    for u in queue:
+        for i in by_source[u]:
+            for v in options[i]:
+                if v in came:
+                    continue
+                came[v] = (i, u)
+                if load[v] <= top - 2:
+                    path = []
+                    while came[v] is not None:
+                        i, u = came[v]
+                        path.append((i, v))
+                        v = u
+                    return path[::-1]
+                queue.append(v)
+    return None
 
 
 def plan_moves(

@@ -1,8 +1,11 @@
 """plan_moves / min_move_bytes: a hand-checked plan, the plan rules on random placements
 (simulated with a plain-Python executor of the documented semantics), minimality against a
-set-based lower bound, sender spreading, node preference, and argument checks."""
+set-based lower bound, sender spreading (the busiest sender against a brute force over every
+choice of senders), node preference, and argument checks."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -137,6 +140,52 @@ def test_random_plans_follow_the_rules_and_meet_the_bound(case: tuple, expert_by
     bound = _lower_bound(old, new, ranks) * expert_bytes
     assert plan.bytes(expert_bytes) == bound == min_move_bytes(old, new, ranks, expert_bytes)
     assert plan_moves(old, new, ranks, ranks_per_node=per_node) == plan  # deterministic
+
+
+def _fewest_max_sends(old: list[int], new: list[int], ranks: int, per_node=None) -> int | None:
+    """Brute force: the smallest possible largest number of sends of one rank, over every
+    choice of a sender (a holder, on the receiver's node if one is there) for every (rank,
+    expert) receive; None when there are too many choices to try."""
+    slots = len(old) // ranks
+    options = []
+    for r in range(ranks):
+        have = set(old[r * slots : (r + 1) * slots])
+        for e in sorted({e for e in new[r * slots : (r + 1) * slots] if e >= 0} - have):
+            holders = sorted({q // slots for q, x in enumerate(old) if x == e})
+            if per_node is not None:
+                near = [h for h in holders if h // per_node == r // per_node]
+                holders = near or holders
+            options.append(holders)
+    if not options:
+        return 0
+    choices = 1
+    for o in options:
+        choices *= len(o)
+    if choices > 20000:
+        return None
+    return min(
+        max(pick.count(h) for h in range(ranks)) for pick in itertools.product(*options)
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(placements())
+def test_busiest_sender_sends_as_few_as_possible(case: tuple) -> None:
+    old, new, ranks, per_node = case
+    best = _fewest_max_sends(old, new, ranks, per_node)
+    if best is not None:
+        plan = plan_moves(old, new, ranks, ranks_per_node=per_node)
+        assert max(len(s) for s in plan.sends) == best
+
+
+def test_forced_senders_count_before_free_choices() -> None:
+    # Rank 0 alone holds experts 1 and 2 (sends both to rank 2); expert 0 is on ranks 0 and 1.
+    # Choosing in receiver order by "sent least so far", rank 0 would send expert 0 as well.
+    old = [0, 1, 2, 0, 3, 4, 5, 6, 7]
+    new = [0, 1, 2, 0, 3, 4, 0, 1, 2]
+    plan = plan_moves(old, new, 3)
+    assert [len(s) for s in plan.sends] == [2, 1, 0]
+    assert plan.recvs[2] == ((1, 0, 0), (0, 1, 1), (0, 2, 2))
 
 
 def test_senders_are_spread_over_the_holders() -> None:
