@@ -163,9 +163,7 @@ def _fewest_max_sends(old: list[int], new: list[int], ranks: int, per_node=None)
         choices *= len(o)
     if choices > 20000:
         return None
-    return min(
-        max(pick.count(h) for h in range(ranks)) for pick in itertools.product(*options)
-    )
+    return min(max(pick.count(h) for h in range(ranks)) for pick in itertools.product(*options))
 
 
 @settings(max_examples=300, deadline=None)
