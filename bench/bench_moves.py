@@ -31,7 +31,7 @@ The JSON record (device, versions, command, numbers) goes to
 what was measured). NVLink multicast stays off: NCCL_NVLS_ENABLE=0, NVSHMEM_DISABLE_NVLS=1 and
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are set here when unset (the record says which).
 
-    python bench/bench_moves.py [--gpus N] [--ctas none,1,2,4,8]   # all visible GPUs (>= 2)
+    python bench/bench_moves.py [--gpus N] [--ctas none,1,2,4,8] [--parts sync,async]
     python bench/bench_moves.py --cpu --small       # smoke test: gloo, CPU, tiny experts
 """
 
@@ -635,7 +635,8 @@ def worker(
             "ctas": args.ctas,
             "compute_dtype": torch.float32 if args.cpu else torch.bfloat16,
         }
-        for name, part in (("sync", bench_sync), ("async", bench_async)):
+        parts = {"sync": bench_sync, "async": bench_async}
+        for name, part in ((name, parts[name]) for name in args.parts):
             begin = time.perf_counter()
             result = record[name] = {}
             try:
@@ -740,7 +741,15 @@ def main() -> None:
         default=ctas_list("none,1,2,4,8"),
         help="async mover max_ctas values to run, comma-separated ('none': the group's own)",
     )
+    parser.add_argument(
+        "--parts",
+        type=lambda text: text.split(","),
+        default=["sync", "async"],
+        help="comma-separated parts to run: sync, async (default both)",
+    )
     args = parser.parse_args()
+    if not args.parts or not set(args.parts) <= {"sync", "async"}:
+        parser.error(f"--parts must name sync and/or async, got {','.join(args.parts)}")
     if args.loops < 1 or args.forwards < 1:
         parser.error(
             f"--loops and --forwards must be at least 1, got {args.loops}, {args.forwards}"

@@ -22,6 +22,7 @@ weights are untouched. See docs/moves.md for the guarantees, the wire format and
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import time
@@ -35,7 +36,15 @@ import torch
 import torch.distributed as dist
 
 from eplb.checks import process_group, tensor
-from eplb.move_peer import PUSH_STREAMS, PeerStaging, drop_staging, peer_staging, wait_commits
+from eplb.move_peer import (
+    PUSH_STREAMS,
+    PeerStaging,
+    drop_group_staging,
+    drop_staging,
+    peer_staging,
+    ready_staging,
+    wait_commits,
+)
 from eplb.move_plan import MovePlan, checked_placements, plan_moves
 
 __all__ = ["ExpertMoveError", "MoveStats", "move_experts"]
@@ -252,8 +261,9 @@ class Exchange:
     """Every rank's ``row`` (ints), gathered by one all-reduce posted at construction: a CPU
     int64 ``[size, len(row)]`` table, the same on all ranks, from :meth:`result`.
 
-    On a CUDA group: one host-to-device copy, one kernel and one device-to-host copy; on a CPU
-    group no device work at all. Posting and waiting apart lets a caller do other work (or
+    On a CUDA group: one host-to-device copy (from pinned memory, so posting does not wait
+    for the current stream), one kernel and one device-to-host copy; on a CPU group no device
+    work at all. Posting and waiting apart lets a caller do other work (or
     let a forward pass run) while the ranks arrive.
     """
 
@@ -266,12 +276,22 @@ class Exchange:
         self.error: Exception | None = None
         if comm.group is not None:
             try:
-                self.table = self.table.to(comm.flag_device)
+                if comm.flag_device.type == "cuda":
+                    # Pinned and non-blocking: posting never waits for the stream's queued work
+                    # (a pageable copy would), so the all-reduce can follow it on the device.
+                    self.table = self.table.pin_memory()
+                self.table = self.table.to(comm.flag_device, non_blocking=True)
                 # The group's own all-reduce (a sum): what dist.all_reduce calls, without its
                 # checks and logging, which cost the mover's step() more host time than this.
                 self.work = comm.group.allreduce([self.table])
             except Exception as err:  # raised by result(), like a failed wait
                 self.error = err
+
+    def order(self) -> None:
+        """Make the current stream's later work follow the all-reduce (CUDA group: a wait on
+        the device, the host goes on; on a CPU group there is nothing to order)."""
+        if self.work is not None and self.comm.polls:
+            self.work.wait()
 
     def result(self, timeout: float) -> torch.Tensor:
         """The table, once every rank's row arrived.
@@ -328,15 +348,32 @@ def check_together(
         raise
     if bad is not None:
         raise bad
+    verdict = check_verdict(table)
+    if verdict is not None:
+        raise verdict
+    return failure
+
+
+def check_verdict(table: torch.Tensor) -> ExpertMoveError | None:
+    """The error of a check table (rows ``[ok, fingerprint, ...]``, one per rank; every rank
+    gets the same), or None when every rank accepted the same move: every further column must
+    be equal too."""
     refused = (table[:, 0] == 0).nonzero().flatten().tolist()
     if refused:
-        raise ExpertMoveError(f"rank(s) {refused} rejected their arguments; nothing was moved")
-    if (table[:, 1] != table[0, 1]).any():
-        raise ExpertMoveError(
-            "the ranks passed different placements or weight layouts (dtype and per-slot "
-            "shape of each weight tensor); nothing was moved"
+        return ExpertMoveError(
+            f"rank(s) {refused} rejected their arguments; live weights unchanged"
         )
-    return failure
+    if (table[:, 1] != table[0, 1]).any():
+        return ExpertMoveError(
+            "the ranks passed different placements or weight layouts (dtype and per-slot "
+            "shape of each weight tensor); live weights unchanged"
+        )
+    if (table[:, 2:] != table[0, 2:]).any():
+        return ExpertMoveError(
+            "the ranks' peer staging differs (some made moves the others did not); live "
+            "weights unchanged, staging dropped"
+        )
+    return None
 
 
 def transport_choice(transport: object, comm: Comm) -> str:
@@ -591,12 +628,19 @@ class LayerMove:
         if _FAULT_HOOK is not None:
             _FAULT_HOOK("post", {"rank": self.comm.rank, "layer": self.plan.layer, "ops": pushes})
         pushed, copies = [0] * self.comm.size, []
+        # Row j to every receiver before row j + 1 to any, receivers in the order rank + 1,
+        # rank + 2, ...: at any time the senders write into different receivers, rather than
+        # all of them into the lowest rank first.
+        world, rank = self.comm.size, self.comm.rank
+        pushes = sorted(pushes, key=lambda push: (push.dst - rank) % world)
+        for j in range(max((len(push.slots) for push in pushes), default=0)):
+            for push in pushes:
+                if j < len(push.slots):
+                    row = self.region + (push.first + j) * self.expert_bytes
+                    for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
+                        if size:
+                            copies.append((rows[push.slots[j]], push.dst, row + offset))
         for push in pushes:
-            for j, slot in enumerate(push.slots):
-                row = self.region + (push.first + j) * self.expert_bytes
-                for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
-                    if size:
-                        copies.append((rows[slot], push.dst, row + offset))
             pushed[push.dst] += len(push.slots)
         self.event = self.peer.push(copies, self.pause)
         # Nobody waits for a push, so a missing one must fail here, on the sender.
@@ -746,7 +790,7 @@ def move_experts(
     first = weights[0] if isinstance(weights, Sequence) and weights else None
     device = first.device if isinstance(first, torch.Tensor) else None
     comm = comm_of(group, device)
-    control, move, bad, fingerprint, mode = comm, None, None, 0, "group"
+    control, bad, fingerprint, mode, ahead = comm, None, 0, "group", None
     timer = PhaseTimer(None, start)
     try:
         control = control_comm(comm, control_group)
@@ -755,17 +799,39 @@ def move_experts(
         ws = checked_weights("weights", weights)
         layer = layer_plan(plan, old_phy2log, new_phy2log, comm.size, ws[0].shape[0])
         fingerprint = placement_fingerprint(layer.old, layer.new, f"{weights_layout(ws)}|{mode}")
+        ahead = staging_ahead(comm, control, mode, layer, ws)
     except (TypeError, ValueError) as err:
         bad = err
-    wait_commits()  # no peer may write into staging that a commit still reads
+    if ahead is None:
+        wait_commits()  # no peer may write into staging that a commit still reads
+    else:
+        ahead.order_after_read()  # the same, on the device: the check follows the last commit
+    check = Exchange(
+        control, [0, 0, 0] if bad is not None else [1, fingerprint, int(ahead is not None)]
+    )
+    if ahead is not None:
+        move = LayerMove(layer, ws, comm)  # host work while the check's all-reduce runs
+        return _move_ahead(move, ahead, control, check, seconds, timer, start)
     prepared: list[LayerMove] = []
-
-    def prepare() -> None:  # while the ranks answer the check
-        move = LayerMove(layer, ws, comm)
-        move.stage_local(pack=mode == "group")
-        prepared.append(move)
-
-    failure = check_together(control, bad, fingerprint, seconds, prepare)
+    failure = None
+    if bad is None:
+        try:  # while the ranks answer: local preparation that sends nothing
+            move = LayerMove(layer, ws, comm)
+            move.stage_local(pack=mode == "group")
+            prepared.append(move)
+        except Exception as err:  # reported at the agreement, which every rank reaches
+            failure = err
+    try:
+        table = check.result(seconds)
+    except ExpertMoveError:
+        if bad is not None:
+            raise bad from None  # this rank's own mistake is the more useful message
+        raise
+    verdict = check_verdict(table)
+    if verdict is not None or bad is not None:
+        if table[:, 2].any():  # ranks that moved ahead wait for an agreement, then drop staging
+            _refuse_together(control, comm, seconds)
+        raise bad if bad is not None else verdict
     move = prepared[0] if prepared else LayerMove(layer, ws, comm)
     peer = peer_for(comm, mode, ws[0].device)
     timer.lap("check")
@@ -790,6 +856,89 @@ def move_experts(
         move.abandon()
         drop_staging(peer)
         raise err from failure
+    _settle(move, peer, table, failure)
+    timer.lap("agree")
+    return _commit(move, peer, timer, start)
+
+
+def staging_ahead(
+    comm: Comm, control: Comm, mode: str, plan: MovePlan, weights: Sequence[torch.Tensor]
+) -> PeerStaging | None:
+    """The peer staging a move may push into before the ranks answered its check, or None.
+
+    That takes a pool of the group made by an earlier move and large enough (every rank that
+    made the same moves decides alike, and the check compares the decisions), and exchanges on
+    the group's NCCL stream: the pushes then follow the check's all-reduce on the device, which
+    completes only after every rank queued it, behind its last commit -- so no push lands in
+    staging that a commit still reads, without a host round trip before the pushes.
+    """
+    if mode == "group" or control is not comm or not comm.polls:
+        return None
+    expert_bytes = sum(w[0].numel() * w.element_size() for w in weights)
+    return ready_staging(comm.group, weights[0].device, LayerMove.staging_bytes(plan, expert_bytes))
+
+
+def _move_ahead(
+    move: LayerMove,
+    peer: PeerStaging,
+    control: Comm,
+    check: Exchange,
+    seconds: float,
+    timer: PhaseTimer,
+    start: float,
+) -> MoveStats:
+    """The rest of :func:`move_experts` pushing ahead of the check's answer: the pushes follow
+    the check's all-reduce on the device, the agreement's all-reduce follows the pushes, and the
+    host waits once, for the agreement, then reads both answers."""
+    failure = check.error
+    timer.lap("check")
+    if failure is None:
+        try:
+            check.order()
+            move.stage_local(pack=False)
+            move.bind(peer)
+        except Exception as err:  # reported through the agreement
+            failure = err
+    timer.lap("stage")
+    if failure is None:
+        try:
+            move.post()
+            move.prepare_commit()  # while the transfers run
+        except Exception as err:
+            failure = err
+    timer.lap("post")
+    agree = Exchange(control, [int(failure is None)])
+    try:
+        table = agree.result(seconds)
+        checked = check.result(seconds)  # complete already: it preceded the agreement
+    except ExpertMoveError as err:
+        move.abandon()
+        drop_staging(peer)
+        raise err from failure
+    timer.lap("transfer")
+    verdict = check_verdict(checked)
+    if verdict is not None:
+        move.abandon()
+        drop_staging(peer)
+        raise verdict from failure
+    _settle(move, peer, table, failure)
+    timer.lap("agree")
+    return _commit(move, peer, timer, start)
+
+
+def _refuse_together(control: Comm, comm: Comm, seconds: float) -> None:
+    """After a failed check in which some rank pushed ahead: answer that rank's agreement (this
+    rank moved nothing) and drop the group's staging, as every rank of the move does."""
+    with contextlib.suppress(ExpertMoveError):  # the check's own error is raised anyway
+        exchange(control, [0], seconds)
+    drop_group_staging(comm.group)
+
+
+def _settle(
+    move: LayerMove, peer: PeerStaging | None, table: torch.Tensor, failure: Exception | None
+) -> None:
+    """Raise :class:`ExpertMoveError` (dropping the move's buffers and staging) unless every
+    rank's row of the agreement ``table`` says that its transfers completed."""
     failed = (table[:, 0] == 0).nonzero().flatten().tolist()
     if failed:
         move.abandon()
@@ -799,7 +948,12 @@ def move_experts(
             + (f" (here: {failure!r})" if failure is not None else "")
             + "; live weights unchanged"
         ) from failure
-    timer.lap("agree")
+
+
+def _commit(
+    move: LayerMove, peer: PeerStaging | None, timer: PhaseTimer, start: float
+) -> MoveStats:
+    """Write the staged rows into the live weights (queued on the current stream)."""
     move.commit()
     if peer is not None:
         peer.mark_read(torch.cuda.current_stream(peer.device))

@@ -23,8 +23,10 @@ import torch.distributed as dist
 __all__ = [
     "PUSH_STREAMS",
     "PeerStaging",
+    "drop_group_staging",
     "drop_staging",
     "peer_staging",
+    "ready_staging",
     "release_staging",
     "wait_commits",
 ]
@@ -100,14 +102,16 @@ class PeerStaging:
         used = self.streams[: max(1, min(len(copies), len(self.streams)))]
         for stream in used:
             stream.wait_stream(current)
-        for i, (src, rank, offset) in enumerate(copies):
-            dst = self.remote(rank, offset, src.numel())
-            with torch.cuda.stream(used[i % len(used)]):
-                dst.copy_(src)
-            if pause is not None:
-                pause()
-        for stream in used:
-            current.wait_stream(stream)
+        try:
+            for i, (src, rank, offset) in enumerate(copies):
+                dst = self.remote(rank, offset, src.numel())
+                with torch.cuda.stream(used[i % len(used)]):
+                    dst.copy_(src)
+                if pause is not None:
+                    pause()
+        finally:  # also after a failure: what follows on the stream follows the queued copies
+            for stream in used:
+                current.wait_stream(stream)
         event = torch.cuda.Event()
         event.record(current)
         return event
@@ -122,6 +126,12 @@ class PeerStaging:
         if self.ready is not None:
             self.ready.synchronize()
             self.ready = None
+
+    def order_after_read(self) -> None:
+        """Make the current stream wait (on the device; the host goes on) for the last commit
+        that read ``local``."""
+        if self.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
 
 
 def _why_not(group: object, device: torch.device, size: int) -> str:
@@ -166,6 +176,16 @@ def peer_staging(
     return _POOLS[key], ""
 
 
+def ready_staging(group: object, device: torch.device, nbytes: int) -> PeerStaging | None:
+    """The pool that ``move_experts`` keeps for ``group`` on ``device`` if it exists and holds
+    ``nbytes``, else None. Not collective (unlike :func:`peer_staging`): every rank of a group
+    that made the same moves gets the same answer."""
+    pg = group if group is not None else dist.group.WORLD
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    pool = _POOLS.get((id(pg), index))
+    return pool if pool is not None and pool.capacity >= nbytes else None
+
+
 # Pools dropped after a failed move: a copy still in flight may write into them, so their
 # memory is never freed or reused while the process lives.
 _DROPPED: list[PeerStaging] = []
@@ -180,6 +200,15 @@ def drop_staging(pool: PeerStaging | None) -> None:
         if value is pool:
             del _POOLS[key]
     _DROPPED.append(pool)
+
+
+def drop_group_staging(group: object) -> None:
+    """:func:`drop_staging` for every pool of ``group`` (by a rank that does not know which
+    device its pool is on, e.g. after its own arguments were refused)."""
+    pg = group if group is not None else dist.group.WORLD
+    for key, pool in list(_POOLS.items()):
+        if key[0] == id(pg):
+            drop_staging(pool)
 
 
 def wait_commits() -> None:

@@ -189,6 +189,38 @@ def _sync_moves(
     return out
 
 
+def _ahead_moves(rank: int, world: int, device, seeds: list[int], slots: int, kinds) -> list:
+    """Each seed's move twice on the same group (default options, the second profiled), from
+    fresh weights: the second finds the staging large enough and pushes ahead of the check's
+    answer. Asserts bit-exact weights; returns per move (went ahead, sorted phase names)."""
+    from eplb import move_exec, move_experts
+
+    ahead: list[bool] = []
+    real = move_exec._move_ahead
+
+    def counted(*args, **kwargs):
+        ahead.append(True)
+        return real(*args, **kwargs)
+
+    out = []
+    move_exec._move_ahead = counted
+    try:
+        for seed in seeds:
+            old, new = random_case(seed, world, slots)
+            want = rank_weights(after_move(old, new), rank, slots, 0, kinds, device)
+            for profile in (False, True):
+                weights = rank_weights(old, rank, slots, 0, kinds, device)
+                before = len(ahead)
+                stats = move_experts(
+                    weights, torch.tensor(old), torch.tensor(new), timeout=30.0, profile=profile
+                )
+                assert equal_weights(weights, want), f"seed {seed}: weights differ after the move"
+                out.append((len(ahead) > before, sorted(stats.phases)))
+    finally:
+        move_exec._move_ahead = real
+    return out
+
+
 def _async_moves(
     rank: int, world: int, device, seed: int, slots: int, kinds, max_in_flight: int, options: dict
 ) -> tuple[list[list[int]], int, int, dict, list[str]]:
@@ -249,6 +281,7 @@ def check_moves(rank: int, world: int, device: torch.device, seeds: list[int], s
     runs = ASYNC_RUNS + (NCCL_ASYNC_RUNS if cuda else ())
     return {
         "sync": _sync_moves(rank, world, device, seeds, slots, kinds, control),
+        "ahead": _ahead_moves(rank, world, device, seeds, slots, kinds) if cuda else [],
         "async": [
             _async_moves(rank, world, device, seeds[i], slots, kinds, in_flight, options)
             for in_flight, i, options in runs
@@ -265,6 +298,8 @@ def _shifted(world: int, slots: int) -> tuple[list[int], list[int]]:
 def _inject(scenario: str) -> Callable[[str, dict], None]:
     """The fault of ``scenario``: rank 1 raises before posting its transfers ("raise"), or
     rank 0 skips its first send ("skip"; "async": only for layer 1)."""
+
+    scenario = scenario.removesuffix("_warm")
 
     def hook(event: str, info: dict) -> None:
         if scenario == "raise" and info["rank"] == 1:
@@ -290,7 +325,10 @@ def check_faults(
     every uncommitted layer kept its old weights, and the committed layers.
 
     Scenarios: see ``_inject``; "layout" / "layout_async": rank 1's weights have another
-    layout than the others' (move_experts / ExpertMover)."""
+    layout than the others' (move_experts / ExpertMover); "bad": rank 1 passes a placement
+    with an expert that no slot holds (it raises ``ValueError``). A "_warm" suffix first makes
+    a good move on the group, so that the faulty one finds peer staging ready and (on NCCL)
+    pushes ahead of the check's answer."""
     from eplb import ExpertMoveError, ExpertMover, move_exec, move_experts
 
     slots, layers = 3, 3
@@ -299,15 +337,21 @@ def check_faults(
     for where, scenario in zip(places, scenarios, strict=True):
         # A short group timeout: tearing down a group with abandoned transfers waits for it.
         device = init_group(rank, world, where, backend, 2 * timeout)
+        # NCCL: peer staging, where a missing push fails its sender (a missing NCCL send
+        # would leave a receive pending that no one can cancel).
+        transport = {"transport": "peer"} if backend == "nccl" else {}
+        if scenario.endswith("_warm"):
+            warm = rank_weights(old, rank, slots, 0, KINDS, device)
+            move_experts(warm, torch.tensor(old), torch.tensor(new), timeout=timeout, **transport)
         move_exec._FAULT_HOOK = _inject(scenario)
         kinds = OTHER_KINDS if scenario.startswith("layout") and rank == 1 else KINDS
         weights = [rank_weights(old, rank, slots, i, kinds, device) for i in range(layers)]
+        target = list(new)
+        if scenario.startswith("bad") and rank == 1:
+            target[0] = max(old) + 1  # held by no slot of the old placement
         begin = time.monotonic()
         raised, committed, mover = None, [], None
         try:
-            # NCCL: peer staging, where a missing push fails its sender (a missing NCCL send
-            # would leave a receive pending that no one can cancel).
-            transport = {"transport": "peer"} if backend == "nccl" else {}
             if scenario in ("async", "layout_async"):
                 mover = ExpertMover(weights, timeout=timeout, **transport)
                 mover.start(torch.tensor([old] * layers), torch.tensor([new] * layers))
@@ -316,9 +360,13 @@ def check_faults(
                     time.sleep(0.002)
             else:
                 move_experts(
-                    weights[0], torch.tensor(old), torch.tensor(new), timeout=timeout, **transport
+                    weights[0],
+                    torch.tensor(old),
+                    torch.tensor(target),
+                    timeout=timeout,
+                    **transport,
                 )
-        except ExpertMoveError as err:
+        except (ExpertMoveError, ValueError) as err:
             raised = repr(err)
         seconds = time.monotonic() - begin
         move_exec._FAULT_HOOK = None

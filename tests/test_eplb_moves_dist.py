@@ -1,7 +1,8 @@
 """Expert moves across processes (gloo on the CPU, 2 and 4 ranks): bit-exact weights after the
 synchronous and the asynchronous mover, byte counts against the lower bound, one message per
 peer and direction, phase timings, and fault injection (a rank raising before it posts its
-transfers, a send that never comes, a rank whose weights have another layout).
+transfers, also after a good move on the group; a send that never comes; a rank whose weights
+have another layout; a rank with a bad placement).
 
 One spawn per world size runs everything (moves_cases.gloo_worker); the tests check its record.
 """
@@ -27,7 +28,7 @@ from eplb.move_exec import PHASES
 
 SEEDS = [3, 11, 28]
 SLOTS = 3
-SCENARIOS = ["raise", "skip", "async", "layout", "layout_async"]
+SCENARIOS = ["raise", "skip", "async", "layout", "layout_async", "bad", "raise_warm"]
 FAULT_TIMEOUT = 1.0
 
 
@@ -99,7 +100,9 @@ def test_fault_raises_on_every_rank_quickly_and_leaves_weights_intact(
     for rank, rec in enumerate(records):
         got = rec["faults"][scenario]
         assert got["raised"] is not None, f"rank {rank} did not raise"
-        assert "ExpertMoveError" in got["raised"]
+        # A rank with bad arguments raises their ValueError, the others ExpertMoveError.
+        error = "ValueError" if scenario == "bad" and rank == 1 else "ExpertMoveError"
+        assert got["raised"].startswith(error), (rank, got["raised"])
         assert got["intact"], f"rank {rank}: uncommitted weights changed"
         assert got["done"], f"rank {rank}: the mover is not done after the error"
         # Bounded by the move's own waits, not by the group's timeout.

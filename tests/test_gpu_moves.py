@@ -2,7 +2,9 @@
 bit-exact checks as the CPU test (sync moves -- also profiled and with a gloo control group --
 through peer staging and over the group, and the async mover with the automatic gloo control
 group through peer staging, on its own NCCL group limited to max_ctas CTAs and on the group
-itself), on bf16 experts with float32 scales; and the fault scenarios through peer staging."""
+itself), on bf16 experts with float32 scales; moves that push ahead of the check's answer
+(staging ready from an earlier move); and the fault scenarios through peer staging, also
+pushing ahead."""
 
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ from eplb.move_exec import PHASES
 
 SEEDS = [5, 17, 23, 31, 40, 52]  # the six option sets of moves_cases._sync_moves on CUDA
 SCENARIOS = ["raise", "skip", "async", "layout", "layout_async"]
+# After a good move the staging is ready: the faulty move pushes ahead of the check's answer
+# (rank 1's other layout needs more staging: it waits for the answer while the others push).
+SCENARIOS += ["raise_warm", "skip_warm", "layout_warm", "bad_warm"]
 FAULT_TIMEOUT = 5.0
 SLOTS = 6
 # moves_cases.BIG_KINDS: bf16 [64, 256] and float32 [7] per expert
@@ -55,6 +60,10 @@ def test_nccl_moves_are_bit_exact(tmp_path: Path) -> None:
             peer = rec["sync"][i][5] != "group"
             messages = (len(to), 0 if peer else len(since))
             assert rec["sync"][i][3] == messages and rec["sync"][i][4] == sorted(PHASES)
+    for rec in records:  # each seed's second move pushed ahead of the check's answer
+        went = [rec["ahead"][2 * i + 1] for i in range(len(SEEDS))]
+        assert went == [(True, sorted(PHASES))] * len(SEEDS), went
+    assert all(rec["ahead"] == records[0]["ahead"] for rec in records)
     runs = ASYNC_RUNS + NCCL_ASYNC_RUNS
     assert len(records[0]["async"]) == len(runs)
     for k, (_, _, options) in enumerate(runs):
@@ -92,7 +101,8 @@ def test_peer_staging_faults_raise_everywhere_and_leave_weights_intact(tmp_path:
     for scenario in SCENARIOS:
         for rank, rec in enumerate(records):
             got = rec[scenario]
-            assert got["raised"] is not None and "ExpertMoveError" in got["raised"], (rank, got)
+            error = "ValueError" if scenario.startswith("bad") and rank == 1 else "ExpertMoveError"
+            assert got["raised"] is not None and got["raised"].startswith(error), (rank, got)
             assert got["intact"], f"{scenario}, rank {rank}: uncommitted weights changed"
             assert got["done"], f"{scenario}, rank {rank}: the mover is not done after the error"
             assert got["seconds"] < 3 * FAULT_TIMEOUT + 10, (scenario, rank, got["seconds"])
