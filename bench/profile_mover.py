@@ -1,12 +1,15 @@
-"""Where ``ExpertMover.step()`` spends its host time (not a benchmark: cProfile adds overhead).
+"""Where ``ExpertMover.step()`` and ``move_experts`` spend their host time (not a benchmark:
+cProfile adds overhead).
 
 bench_moves.py's async setup (DeepSeek-V3-sized experts, 4 layers moved back and forth, a
 matmul loop that waits for each forward and calls ``step()`` in the gap, a gloo control group):
 per transport, the host time of every ``step()`` call (median, p90, max, total) on every rank,
 the mover's own phase totals, and rank 0's cProfile of its ``step()`` calls (top functions by
-own time), as JSON.
+own time), as JSON. With ``--sync``: bench_moves.py's synchronous move (the layer it times, there
+and back), each call's host time per rank, the host time of posting and of waiting for one small
+exchange, and rank 0's cProfile of the moves there (by cumulative and by own time).
 
-    python bench/profile_mover.py [--gpus 2] [--forwards 60] [--out FILE]
+    python bench/profile_mover.py [--gpus 2] [--forwards 60] [--sync] [--out FILE]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from bench_moves import (
 
 import eplb
 from eplb.fileio import atomic_write_text
+from eplb.move_exec import Exchange, comm_of
 
 TOP = 25  # cProfile rows kept
 
@@ -84,11 +88,60 @@ def profile_transport(ctx: dict, transport: str) -> dict:
     }
     out = {"transfer_config": mover.transfer_config, "per_rank": gathered(mine)}
     if rank == 0:
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(TOP)
-        out["rank0_cprofile_by_own_time"] = [
-            line.rstrip() for line in text.getvalue().splitlines() if line.strip()
-        ]
+        out["rank0_cprofile_by_own_time"] = cprofile_lines(profiler, "tottime")
+    return out
+
+
+def cprofile_lines(profiler: cProfile.Profile, key: str) -> list[str]:
+    """The top ``TOP`` rows of ``profiler`` sorted by ``key``, as text lines."""
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(TOP)
+    return [line.rstrip() for line in text.getvalue().splitlines() if line.strip()]
+
+
+def profile_sync(ctx: dict, moves: int = 20) -> dict:
+    """move_experts there and back ``moves`` times (after warm-up), the moves there profiled."""
+    rank, device, place = ctx["rank"], ctx["device"], ctx["place"]
+    layer = place["sync_layer"]
+    old, new = place["old"][layer], place["new"][layer]
+    w = ctx["weights"][layer]
+    world = dist.get_world_size()
+    there, back = eplb.plan_moves(old, new, world), eplb.plan_moves(new, old, world)
+    for _ in range(3):
+        eplb.move_experts(w, old, new, plan=there)
+        eplb.move_experts(w, new, old, plan=back)
+    profiler = cProfile.Profile()
+    seconds, posting, waiting = [], [], []
+    comm = comm_of(None, device)
+    for _ in range(moves):
+        dist.barrier()
+        torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        pending = Exchange(comm, [1, 2, 3])
+        posted = time.perf_counter()
+        pending.result(60.0)
+        posting.append(posted - begin)
+        waiting.append(time.perf_counter() - posted)
+        dist.barrier()
+        torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        if rank == 0:
+            profiler.enable()
+        eplb.move_experts(w, old, new, plan=there)
+        torch.cuda.synchronize(device)
+        if rank == 0:
+            profiler.disable()
+        seconds.append(time.perf_counter() - begin)
+        eplb.move_experts(w, new, old, plan=back)
+    mine = {
+        "move_median_us": statistics.median(seconds) * 1e6,
+        "exchange_post_median_us": statistics.median(posting) * 1e6,
+        "exchange_wait_median_us": statistics.median(waiting) * 1e6,
+    }
+    out = {"layer": layer, "per_rank": gathered(mine)}
+    if rank == 0:
+        out["rank0_cprofile_by_cumulative"] = cprofile_lines(profiler, "cumulative")
+        out["rank0_cprofile_by_own_time"] = cprofile_lines(profiler, "tottime")
     return out
 
 
@@ -119,6 +172,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         for _ in range(3):
             ctx["forward"]()
         record = {**versions(device), "ranks": world, "forwards": args.forwards}
+        if args.sync:
+            record["sync"] = profile_sync(ctx)
+            if rank == 0:
+                atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
+                print(json.dumps(record["sync"]["per_rank"]))
+                print("\n".join(record["sync"]["rank0_cprofile_by_cumulative"][:45]))
+                print("\n".join(record["sync"]["rank0_cprofile_by_own_time"][:30]))
+            return
         record["transports"] = {t: profile_transport(ctx, t) for t in ("group", "auto")}
         if rank == 0:
             atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
@@ -133,6 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--forwards", type=int, default=60)
+    parser.add_argument("--sync", action="store_true", help="profile move_experts instead")
     parser.add_argument("--out", type=Path, default=Path("profile_mover.json"))
     args = parser.parse_args()
     os.environ.update(NVLS_OFF)

@@ -22,7 +22,6 @@ weights are untouched. See docs/moves.md for the guarantees, the wire format and
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import time
@@ -30,7 +29,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -287,12 +286,6 @@ class Exchange:
             except Exception as err:  # raised by result(), like a failed wait
                 self.error = err
 
-    def order(self) -> None:
-        """Make the current stream's later work follow the all-reduce (CUDA group: a wait on
-        the device, the host goes on; on a CPU group there is nothing to order)."""
-        if self.work is not None and self.comm.polls:
-            self.work.wait()
-
     def result(self, timeout: float) -> torch.Tensor:
         """The table, once every rank's row arrived.
 
@@ -348,32 +341,15 @@ def check_together(
         raise
     if bad is not None:
         raise bad
-    verdict = check_verdict(table)
-    if verdict is not None:
-        raise verdict
-    return failure
-
-
-def check_verdict(table: torch.Tensor) -> ExpertMoveError | None:
-    """The error of a check table (rows ``[ok, fingerprint, ...]``, one per rank; every rank
-    gets the same), or None when every rank accepted the same move: every further column must
-    be equal too."""
     refused = (table[:, 0] == 0).nonzero().flatten().tolist()
     if refused:
-        return ExpertMoveError(
-            f"rank(s) {refused} rejected their arguments; live weights unchanged"
-        )
+        raise ExpertMoveError(f"rank(s) {refused} rejected their arguments; nothing was moved")
     if (table[:, 1] != table[0, 1]).any():
-        return ExpertMoveError(
+        raise ExpertMoveError(
             "the ranks passed different placements or weight layouts (dtype and per-slot "
-            "shape of each weight tensor); live weights unchanged"
+            "shape of each weight tensor); nothing was moved"
         )
-    if (table[:, 2:] != table[0, 2:]).any():
-        return ExpertMoveError(
-            "the ranks' peer staging differs (some made moves the others did not); live "
-            "weights unchanged, staging dropped"
-        )
-    return None
+    return failure
 
 
 def transport_choice(transport: object, comm: Comm) -> str:
@@ -422,7 +398,8 @@ class PhaseTimer:
     def __init__(self, drain: torch.device | None, start: float | None = None) -> None:
         self.drain = drain if drain is not None and drain.type == "cuda" else None
         self.phases: dict[str, float] = {}
-        self._last = time.perf_counter() if start is None else start
+        self.start = time.perf_counter() if start is None else start
+        self._last = self.start
 
     def lap(self, name: str) -> None:
         if self.drain is not None:
@@ -802,16 +779,11 @@ def move_experts(
         ahead = staging_ahead(comm, control, mode, layer, ws)
     except (TypeError, ValueError) as err:
         bad = err
-    if ahead is None:
-        wait_commits()  # no peer may write into staging that a commit still reads
-    else:
-        ahead.order_after_read()  # the same, on the device: the check follows the last commit
-    check = Exchange(
-        control, [0, 0, 0] if bad is not None else [1, fingerprint, int(ahead is not None)]
-    )
     if ahead is not None:
-        move = LayerMove(layer, ws, comm)  # host work while the check's all-reduce runs
-        return _move_ahead(move, ahead, control, check, seconds, timer, start)
+        return _move_ahead(LayerMove(layer, ws, comm), ahead, control, fingerprint, seconds, timer)
+    wait_commits()  # no peer may write into staging that a commit still reads
+    # Row: [ok, fingerprint, pushed ahead, staging region]; see _verdict.
+    check = Exchange(control, [0, 0, 0, 0] if bad is not None else [1, fingerprint, 0, 0])
     prepared: list[LayerMove] = []
     failure = None
     if bad is None:
@@ -827,11 +799,14 @@ def move_experts(
         if bad is not None:
             raise bad from None  # this rank's own mistake is the more useful message
         raise
-    verdict = check_verdict(table)
-    if verdict is not None or bad is not None:
-        if table[:, 2].any():  # ranks that moved ahead wait for an agreement, then drop staging
-            _refuse_together(control, comm, seconds)
-        raise bad if bad is not None else verdict
+    rows = table.tolist()
+    why = _verdict(rows)
+    if why is not None or bad is not None:
+        if any(row[2] for row in rows):  # ranks that pushed ahead drop the staging: so do we
+            drop_group_staging(comm.group)
+        if bad is not None:
+            raise bad
+        raise ExpertMoveError(f"{why}; live weights unchanged")
     move = prepared[0] if prepared else LayerMove(layer, ws, comm)
     peer = peer_for(comm, mode, ws[0].device)
     timer.lap("check")
@@ -841,7 +816,7 @@ def move_experts(
             raise failure
         if peer is not None:
             peer.reserve(LayerMove.staging_bytes(layer, move.expert_bytes))
-        move.bind(peer)
+        move.bind(peer, peer.region if peer is not None else 0)
         timer.lap("stage")
         move.post()
         move.prepare_commit()  # while the transfers run
@@ -856,7 +831,9 @@ def move_experts(
         move.abandon()
         drop_staging(peer)
         raise err from failure
-    _settle(move, peer, table, failure)
+    failed = (table[:, 0] == 0).nonzero().flatten().tolist()
+    if failed:
+        _fail(move, peer, f"the transfers failed on rank(s) {failed}", failure)
     timer.lap("agree")
     return _commit(move, peer, timer, start)
 
@@ -864,13 +841,15 @@ def move_experts(
 def staging_ahead(
     comm: Comm, control: Comm, mode: str, plan: MovePlan, weights: Sequence[torch.Tensor]
 ) -> PeerStaging | None:
-    """The peer staging a move may push into before the ranks answered its check, or None.
+    """The peer staging a move may push into before the ranks agreed on it, or None.
 
-    That takes a pool of the group made by an earlier move and large enough (every rank that
-    made the same moves decides alike, and the check compares the decisions), and exchanges on
-    the group's NCCL stream: the pushes then follow the check's all-reduce on the device, which
-    completes only after every rank queued it, behind its last commit -- so no push lands in
-    staging that a commit still reads, without a host round trip before the pushes.
+    That takes a pool of the group made by an earlier move, with regions large enough (every
+    rank that made the same moves decides alike, and the ranks compare the decisions after the
+    pushes), and exchanges on the group (NCCL). The move stages in the region that the previous
+    move did not use: the commit that last read it ran before the previous move's agreement on
+    its rank (same stream, or ordered after it), and every rank saw that agreement complete
+    before this move began -- so no push lands in staging that a commit still reads, and the
+    move needs one exchange, after the pushes, instead of a check before and an agreement after.
     """
     if mode == "group" or control is not comm or not comm.polls:
         return None
@@ -882,23 +861,20 @@ def _move_ahead(
     move: LayerMove,
     peer: PeerStaging,
     control: Comm,
-    check: Exchange,
+    fingerprint: int,
     seconds: float,
     timer: PhaseTimer,
-    start: float,
 ) -> MoveStats:
-    """The rest of :func:`move_experts` pushing ahead of the check's answer: the pushes follow
-    the check's all-reduce on the device, the agreement's all-reduce follows the pushes, and the
-    host waits once, for the agreement, then reads both answers."""
-    failure = check.error
+    """The rest of :func:`move_experts` for a move that pushes ahead: stage, push, then one
+    exchange that is both the check and the agreement, then commit."""
+    failure = None
+    peer.order_after_read()  # what follows on this stream follows the last commit
     timer.lap("check")
-    if failure is None:
-        try:
-            check.order()
-            move.stage_local(pack=False)
-            move.bind(peer)
-        except Exception as err:  # reported through the agreement
-            failure = err
+    try:
+        move.stage_local(pack=False)
+        move.bind(peer, peer.region)
+    except Exception as err:  # reported through the exchange, which every rank reaches
+        failure = err
     timer.lap("stage")
     if failure is None:
         try:
@@ -907,47 +883,55 @@ def _move_ahead(
         except Exception as err:
             failure = err
     timer.lap("post")
-    agree = Exchange(control, [int(failure is None)])
+    row = [int(failure is None), fingerprint, 1, peer.moves % peer.regions]
     try:
-        table = agree.result(seconds)
-        checked = check.result(seconds)  # complete already: it preceded the agreement
+        table = Exchange(control, row).result(seconds)  # on the device: after the pushes
     except ExpertMoveError as err:
         move.abandon()
         drop_staging(peer)
         raise err from failure
     timer.lap("transfer")
-    verdict = check_verdict(checked)
-    if verdict is not None:
-        move.abandon()
-        drop_staging(peer)
-        raise verdict from failure
-    _settle(move, peer, table, failure)
+    why = _verdict(table.tolist())
+    if why is not None:
+        _fail(move, peer, why, failure)
     timer.lap("agree")
-    return _commit(move, peer, timer, start)
+    return _commit(move, peer, timer, timer.start)
 
 
-def _refuse_together(control: Comm, comm: Comm, seconds: float) -> None:
-    """After a failed check in which some rank pushed ahead: answer that rank's agreement (this
-    rank moved nothing) and drop the group's staging, as every rank of the move does."""
-    with contextlib.suppress(ExpertMoveError):  # the check's own error is raised anyway
-        exchange(control, [0], seconds)
-    drop_group_staging(comm.group)
+def _verdict(rows: list[list[int]]) -> str | None:
+    """What went wrong, from every rank's ``[ok, fingerprint, pushed ahead, region]`` row of a
+    move's first exchange (the same on every rank), or None if every rank may go on.
 
-
-def _settle(
-    move: LayerMove, peer: PeerStaging | None, table: torch.Tensor, failure: Exception | None
-) -> None:
-    """Raise :class:`ExpertMoveError` (dropping the move's buffers and staging) unless every
-    rank's row of the agreement ``table`` says that its transfers completed."""
-    failed = (table[:, 0] == 0).nonzero().flatten().tolist()
+    A rank that pushes ahead sends its row after its pushes, so ``ok`` is also "my transfers
+    were posted"; the others send theirs before anything is sent. Every rank must do the same
+    (all ahead, staging in the same region, or none ahead)."""
+    refused = [r for r, row in enumerate(rows) if not row[0] and not row[2]]
+    failed = [r for r, row in enumerate(rows) if not row[0] and row[2]]
+    if refused:
+        return f"rank(s) {refused} rejected their arguments"
+    if any(row[1] != rows[0][1] for row in rows):
+        return (
+            "the ranks passed different placements or weight layouts (dtype and per-slot shape "
+            "of each weight tensor)"
+        )
+    if any(row[2:] != rows[0][2:] for row in rows):
+        return "the ranks' peer staging differs (some made moves that others did not)"
     if failed:
-        move.abandon()
-        drop_staging(peer)
-        raise ExpertMoveError(
-            f"layer {move.plan.layer}: the transfers failed on rank(s) {failed}"
-            + (f" (here: {failure!r})" if failure is not None else "")
-            + "; live weights unchanged"
-        ) from failure
+        return f"the transfers failed on rank(s) {failed}"
+    return None
+
+
+def _fail(
+    move: LayerMove, peer: PeerStaging | None, why: str, failure: Exception | None
+) -> NoReturn:
+    """Drop the move's buffers and staging and raise :class:`ExpertMoveError` for ``why``."""
+    move.abandon()
+    drop_staging(peer)
+    raise ExpertMoveError(
+        f"layer {move.plan.layer}: {why}"
+        + (f" (here: {failure!r})" if failure is not None else "")
+        + "; live weights unchanged"
+    ) from failure
 
 
 def _commit(
@@ -957,6 +941,7 @@ def _commit(
     move.commit()
     if peer is not None:
         peer.mark_read(torch.cuda.current_stream(peer.device))
+        peer.moves += 1
     move.release()
     timer.lap("commit")
     sent, received, copied = move.stats

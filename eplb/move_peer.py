@@ -46,39 +46,57 @@ _REASONS: dict[int, tuple[object, str]] = {}
 
 
 class PeerStaging:
-    """A symmetric staging buffer of one process group on one host.
+    """A symmetric staging buffer of one process group on one host, in ``regions`` equal
+    regions.
 
     Attributes:
         capacity: bytes of the buffer on every rank (the same everywhere).
+        regions: regions of the buffer: ``move_experts`` keeps two and moves into them in
+            turn, so that a move may push while the previous move's commit reads the other one.
+        region_bytes: bytes of one region (``capacity / regions``).
+        moves: moves committed through this buffer (every rank counts alike); the next move
+            stages in region ``moves % regions``.
         local: uint8 ``[capacity]``, this rank's buffer (peers write into it).
-        ready: CUDA event recorded after the last commit that read ``local``; a move waits for
-            it before its check, so that no peer writes into bytes still being read.
+        ready: CUDA event recorded after the last commit that read ``local``.
     """
 
-    def __init__(self, group: object, device: torch.device, streams: int = PUSH_STREAMS) -> None:
-        self.group, self.device = group, device
-        self.capacity = 0
+    def __init__(
+        self,
+        group: object,
+        device: torch.device,
+        streams: int = PUSH_STREAMS,
+        regions: int = 1,
+    ) -> None:
+        self.group, self.device, self.regions = group, device, regions
+        self.capacity = self.region_bytes = self.moves = 0
         self.local = torch.empty(0, dtype=torch.uint8, device=device)
         self.ready: torch.cuda.Event | None = None
         self._handle: object = None  # the rendezvous: keeps the peers' mappings alive
         self._remote: list[torch.Tensor] = []
         self.streams = [torch.cuda.Stream(device) for _ in range(streams)]
 
+    @property
+    def region(self) -> int:
+        """Byte offset of the region the next move stages in."""
+        return self.moves % self.regions * self.region_bytes
+
     def reserve(self, nbytes: int) -> None:
-        """Grow to at least ``nbytes`` (collective: every rank calls it with the same value)."""
-        if nbytes <= self.capacity:
+        """Grow so that every region holds at least ``nbytes`` (collective: every rank calls it
+        with the same value)."""
+        if nbytes <= self.region_bytes:
             return
         from torch.distributed import _symmetric_memory as symm
 
         self.wait_ready()
         self.local, self._remote = torch.empty(0, dtype=torch.uint8, device=self.device), []
-        self._handle, self.capacity = None, 0
-        local = symm.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self._handle, self.capacity, self.region_bytes = None, 0, 0
+        total = nbytes * self.regions
+        local = symm.empty(total, dtype=torch.uint8, device=self.device)
         handle = symm.rendezvous(local, self.group)
         self._remote = [
-            handle.get_buffer(peer, (nbytes,), torch.uint8, 0) for peer in range(handle.world_size)
+            handle.get_buffer(peer, (total,), torch.uint8, 0) for peer in range(handle.world_size)
         ]
-        self.local, self._handle, self.capacity = local, handle, nbytes
+        self.local, self._handle, self.capacity, self.region_bytes = local, handle, total, nbytes
 
     def remote(self, rank: int, offset: int, nbytes: int) -> torch.Tensor:
         """uint8 ``[nbytes]`` view of group rank ``rank``'s buffer from byte ``offset``."""
@@ -172,18 +190,18 @@ def peer_staging(
         return PeerStaging(pg, device, streams), ""
     key = (id(pg), device.index if device.index is not None else torch.cuda.current_device())
     if key not in _POOLS:
-        _POOLS[key] = PeerStaging(pg, device)
+        _POOLS[key] = PeerStaging(pg, device, regions=2)
     return _POOLS[key], ""
 
 
 def ready_staging(group: object, device: torch.device, nbytes: int) -> PeerStaging | None:
-    """The pool that ``move_experts`` keeps for ``group`` on ``device`` if it exists and holds
-    ``nbytes``, else None. Not collective (unlike :func:`peer_staging`): every rank of a group
-    that made the same moves gets the same answer."""
+    """The pool that ``move_experts`` keeps for ``group`` on ``device`` if it exists and each of
+    its regions holds ``nbytes``, else None. Not collective (unlike :func:`peer_staging`):
+    every rank of a group that made the same moves gets the same answer."""
     pg = group if group is not None else dist.group.WORLD
     index = device.index if device.index is not None else torch.cuda.current_device()
     pool = _POOLS.get((id(pg), index))
-    return pool if pool is not None and pool.capacity >= nbytes else None
+    return pool if pool is not None and pool.region_bytes >= nbytes else None
 
 
 # Pools dropped after a failed move: a copy still in flight may write into them, so their
