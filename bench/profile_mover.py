@@ -6,8 +6,10 @@ matmul loop that waits for each forward and calls ``step()`` in the gap, a gloo 
 per transport, the host time of every ``step()`` call (median, p90, max, total) on every rank,
 the mover's own phase totals, and rank 0's cProfile of its ``step()`` calls (top functions by
 own time), as JSON. With ``--sync``: bench_moves.py's synchronous move (the layer it times, there
-and back), each call's host time per rank, the host time of posting and of waiting for one small
-exchange, and rank 0's cProfile of the moves there (by cumulative and by own time).
+and back), each call's host time and host time per phase per rank, the host time of posting and
+of waiting for one small exchange, rank 0's cProfile of the moves there (by cumulative and by
+own time); then the move's pushes alone per number of push streams and order, and the host time
+of the parts of posting an exchange with the stream idle and busy.
 
     python bench/profile_mover.py [--gpus 2] [--forwards 60] [--sync] [--out FILE]
 """
@@ -37,13 +39,15 @@ from bench_moves import (
     gathered,
     layer_weights,
     placements,
+    slowest,
     stream_wait,
     versions,
 )
 
 import eplb
 from eplb.fileio import atomic_write_text
-from eplb.move_exec import Exchange, comm_of
+from eplb.move_exec import Exchange, LayerMove, comm_of
+from eplb.move_peer import PeerStaging
 
 TOP = 25  # cProfile rows kept
 
@@ -111,7 +115,7 @@ def profile_sync(ctx: dict, moves: int = 20) -> dict:
         eplb.move_experts(w, old, new, plan=there)
         eplb.move_experts(w, new, old, plan=back)
     profiler = cProfile.Profile()
-    seconds, posting, waiting = [], [], []
+    seconds, posting, waiting, phases = [], [], [], []
     comm = comm_of(None, device)
     for _ in range(moves):
         dist.barrier()
@@ -127,21 +131,85 @@ def profile_sync(ctx: dict, moves: int = 20) -> dict:
         begin = time.perf_counter()
         if rank == 0:
             profiler.enable()
-        eplb.move_experts(w, old, new, plan=there)
+        stats = eplb.move_experts(w, old, new, plan=there)
         torch.cuda.synchronize(device)
         if rank == 0:
             profiler.disable()
         seconds.append(time.perf_counter() - begin)
+        phases.append(stats.phases)
         eplb.move_experts(w, new, old, plan=back)
     mine = {
         "move_median_us": statistics.median(seconds) * 1e6,
         "exchange_post_median_us": statistics.median(posting) * 1e6,
         "exchange_wait_median_us": statistics.median(waiting) * 1e6,
+        "host_phase_median_us": {
+            k: statistics.median(p[k] for p in phases) * 1e6 for k in phases[0]
+        },
     }
     out = {"layer": layer, "per_rank": gathered(mine)}
     if rank == 0:
         out["rank0_cprofile_by_cumulative"] = cprofile_lines(profiler, "cumulative")
         out["rank0_cprofile_by_own_time"] = cprofile_lines(profiler, "tottime")
+    return out
+
+
+def probe_pushes(ctx: dict, repeats: int = 10) -> dict:
+    """The pushes of the synchronous move alone: slowest rank's median ms per number of push
+    streams and order (LayerMove's interleaved order, or all rows of one receiver first)."""
+    rank, device, place = ctx["rank"], ctx["device"], ctx["place"]
+    layer, world = place["sync_layer"], dist.get_world_size()
+    plan = eplb.plan_moves(place["old"][layer], place["new"][layer], world)
+    comm = comm_of(None, device)
+    out = {}
+    for streams in (1, 2, 4, 8):
+        pool = PeerStaging(dist.group.WORLD, device, streams)
+        move = LayerMove(plan, ctx["weights"][layer], comm, pool, 0)
+        pool.reserve(LayerMove.staging_bytes(plan, move.expert_bytes))
+        interleaved = move.push_copies(move.pushes())
+        by_receiver = sorted(interleaved, key=lambda c: (c[1] - rank) % world)
+        for order, copies in (("interleaved", interleaved), ("by_receiver", by_receiver)):
+            samples = []
+            for _ in range(2 + repeats):
+                dist.barrier()
+                torch.cuda.synchronize(device)
+                begin = time.perf_counter()
+                pool.push(copies)
+                torch.cuda.synchronize(device)
+                samples.append(slowest(time.perf_counter() - begin, device))
+            out[f"{streams} streams, {order}"] = statistics.median(samples[2:]) * 1e3
+    return out
+
+
+def probe_exchange(ctx: dict, repeats: int = 20) -> dict:
+    """Host microseconds (median) of the parts of posting a small exchange on NCCL, with the
+    current stream idle and busy (a sleep kernel of about a millisecond queued first): does
+    posting wait for the stream?"""
+    device = ctx["device"]
+    comm = comm_of(None, device)
+    table = torch.zeros((comm.size, 4), dtype=torch.int64, device=device)
+    rows = [[1, 2**31, 1, 0]] * comm.size
+    parts = {
+        "Exchange (fill kernels + all-reduce)": lambda: Exchange(comm, [1, 2**31, 1, 0]),
+        "all-reduce only": lambda: comm.group.allreduce([table]),
+        "pageable to(device)": lambda: torch.tensor(rows).to(device),
+        "pinned to(device, non_blocking)": lambda: (
+            torch.tensor(rows).pin_memory().to(device, non_blocking=True)
+        ),
+    }
+    out = {}
+    for state in ("idle", "busy"):
+        for name, part in parts.items():
+            samples = []
+            for _ in range(repeats):
+                dist.barrier()
+                torch.cuda.synchronize(device)
+                if state == "busy":
+                    torch.cuda._sleep(2_000_000)
+                begin = time.perf_counter()
+                part()
+                samples.append(time.perf_counter() - begin)
+                torch.cuda.synchronize(device)
+            out[f"{name}, {state}"] = statistics.median(samples) * 1e6
     return out
 
 
@@ -174,9 +242,13 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         record = {**versions(device), "ranks": world, "forwards": args.forwards}
         if args.sync:
             record["sync"] = profile_sync(ctx)
+            record["pushes_ms"] = probe_pushes(ctx)
+            record["exchange_post_us"] = probe_exchange(ctx)
             if rank == 0:
                 atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
-                print(json.dumps(record["sync"]["per_rank"]))
+                print(json.dumps(record["pushes_ms"], indent=1))
+                print(json.dumps(record["exchange_post_us"], indent=1))
+                print(json.dumps(record["sync"]["per_rank"], indent=1))
                 print("\n".join(record["sync"]["rank0_cprofile_by_cumulative"][:45]))
                 print("\n".join(record["sync"]["rank0_cprofile_by_own_time"][:30]))
             return

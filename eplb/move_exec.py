@@ -260,26 +260,31 @@ class Exchange:
     """Every rank's ``row`` (ints), gathered by one all-reduce posted at construction: a CPU
     int64 ``[size, len(row)]`` table, the same on all ranks, from :meth:`result`.
 
-    On a CUDA group: one host-to-device copy (from pinned memory, so posting does not wait
-    for the current stream), one kernel and one device-to-host copy; on a CPU group no device
-    work at all. Posting and waiting apart lets a caller do other work (or
-    let a forward pass run) while the ranks arrive.
+    On a CUDA group the table is made on the device (one kernel per nonzero value of ``row``,
+    no host-to-device copy: posting never waits for the work queued on the current stream,
+    which a copy from pageable memory would), then one all-reduce and one device-to-host copy;
+    on a CPU group no device work at all. Posting and waiting apart lets a caller do other work
+    (or let a forward pass run) while the ranks arrive.
     """
 
     def __init__(self, comm: Comm, row: Sequence[int]) -> None:
         self.comm = comm
-        zeros = [0] * len(row)
-        rows = [list(row) if r == comm.rank else zeros for r in range(comm.size)]
-        self.table = torch.tensor(rows, dtype=torch.int64)
         self.work: object = None
         self.error: Exception | None = None
+        if comm.group is None or comm.flag_device.type != "cuda":
+            zeros = [0] * len(row)
+            rows = [list(row) if r == comm.rank else zeros for r in range(comm.size)]
+            self.table = torch.tensor(rows, dtype=torch.int64)
         if comm.group is not None:
             try:
                 if comm.flag_device.type == "cuda":
-                    # Pinned and non-blocking: posting never waits for the stream's queued work
-                    # (a pageable copy would), so the all-reduce can follow it on the device.
-                    self.table = self.table.pin_memory()
-                self.table = self.table.to(comm.flag_device, non_blocking=True)
+                    self.table = torch.zeros(
+                        (comm.size, len(row)), dtype=torch.int64, device=comm.flag_device
+                    )
+                    mine = self.table[comm.rank]
+                    for j, value in enumerate(row):
+                        if value:
+                            mine[j].fill_(value)
                 # The group's own all-reduce (a sum): what dist.all_reduce calls, without its
                 # checks and logging, which cost the mover's step() more host time than this.
                 self.work = comm.group.allreduce([self.table])
@@ -585,13 +590,29 @@ class LayerMove:
                 ops.append(dist.P2POp(dist.irecv, view, comm.global_ranks[src], comm.group, tag))
         return ops
 
-    def _pushes(self) -> list[Push]:
+    def pushes(self) -> list[Push]:
         """One push per receiving peer: my rows land after the rows of lower source ranks."""
         rank = self.comm.rank
         return [
             Push(dst, tuple(slots), sum(src < rank for src, _, _ in self.plan.recvs[dst]))
             for dst, slots in self.send_to
         ]
+
+    def push_copies(self, pushes: Sequence[Push]) -> list[tuple[torch.Tensor, int, int]]:
+        """The ``(live row of one weight kind, receiver, byte offset in its staging)`` copies
+        of ``pushes``: row j to every receiver before row j + 1 to any, receivers in the order
+        rank + 1, rank + 2, ... -- so that at any time the senders write into different
+        receivers, rather than all of them into the lowest rank first."""
+        world, rank, copies = self.comm.size, self.comm.rank, []
+        pushes = sorted(pushes, key=lambda push: (push.dst - rank) % world)
+        for j in range(max((len(push.slots) for push in pushes), default=0)):
+            for push in pushes:
+                if j < len(push.slots):
+                    row = self.region + (push.first + j) * self.expert_bytes
+                    for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
+                        if size:
+                            copies.append((rows[push.slots[j]], push.dst, row + offset))
+        return copies
 
     def post(self) -> None:
         """Post the transfers (after :meth:`stage`; they follow the current stream's work)."""
@@ -601,25 +622,13 @@ class LayerMove:
                 _FAULT_HOOK("post", {"rank": self.comm.rank, "layer": self.plan.layer, "ops": ops})
             self.works = dist.batch_isend_irecv(ops) if ops else []
             return
-        pushes = self._pushes() if self.expert_bytes else []
+        pushes = self.pushes() if self.expert_bytes else []
         if _FAULT_HOOK is not None:
             _FAULT_HOOK("post", {"rank": self.comm.rank, "layer": self.plan.layer, "ops": pushes})
-        pushed, copies = [0] * self.comm.size, []
-        # Row j to every receiver before row j + 1 to any, receivers in the order rank + 1,
-        # rank + 2, ...: at any time the senders write into different receivers, rather than
-        # all of them into the lowest rank first.
-        world, rank = self.comm.size, self.comm.rank
-        pushes = sorted(pushes, key=lambda push: (push.dst - rank) % world)
-        for j in range(max((len(push.slots) for push in pushes), default=0)):
-            for push in pushes:
-                if j < len(push.slots):
-                    row = self.region + (push.first + j) * self.expert_bytes
-                    for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
-                        if size:
-                            copies.append((rows[push.slots[j]], push.dst, row + offset))
+        pushed = [0] * self.comm.size
         for push in pushes:
             pushed[push.dst] += len(push.slots)
-        self.event = self.peer.push(copies, self.pause)
+        self.event = self.peer.push(self.push_copies(pushes), self.pause)
         # Nobody waits for a push, so a missing one must fail here, on the sender.
         for dst, slots in self.send_to:
             if pushed[dst] != len(slots):
