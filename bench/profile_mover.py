@@ -25,6 +25,7 @@ import os
 import pstats
 import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -239,7 +240,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         }
         for _ in range(3):
             ctx["forward"]()
-        record = {**versions(device), "ranks": world, "forwards": args.forwards}
+        record = {
+            **versions(device),
+            "command": " ".join([sys.executable, *sys.argv]),
+            "ranks": world,
+            "forwards": args.forwards,
+        }
         if args.sync:
             record["sync"] = profile_sync(ctx)
             record["pushes_ms"] = probe_pushes(ctx)

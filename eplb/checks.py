@@ -23,7 +23,7 @@ __all__ = [
     "tensor",
 ]
 
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # Bound on slots and experts per layer, far above any real model (DeepSeek-V3 has 256 experts):
 # it keeps absurd sizes from allocating gigabytes or running for minutes.
 MAX_SLOTS = 1 << 20
@@ -68,7 +68,7 @@ def int_tensor(
     name: str,
     value: object,
     *,
-    dtypes: tuple[torch.dtype, ...] = _INT_DTYPES,
+    dtypes: tuple[torch.dtype, ...] = INT_DTYPES,
     convert: bool = False,
 ) -> torch.Tensor:
     """An integer tensor of one of ``dtypes``.

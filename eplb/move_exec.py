@@ -34,7 +34,7 @@ from typing import NamedTuple, NoReturn
 import torch
 import torch.distributed as dist
 
-from eplb.checks import process_group, tensor
+from eplb.checks import INT_DTYPES, process_group, tensor
 from eplb.move_peer import (
     PUSH_STREAMS,
     PeerStaging,
@@ -696,7 +696,14 @@ def layer_plan(
     plan: object, old_phy2log: object, new_phy2log: object, num_ranks: int, slots: int
 ) -> MovePlan:
     """The checked :class:`MovePlan` of one layer: ``plan`` itself or one made from the maps."""
-    old, new, _, _ = checked_placements(old_phy2log, new_phy2log, num_ranks)
+    if (
+        isinstance(plan, MovePlan)
+        and _placement_of(old_phy2log, plan.old)
+        and _placement_of(new_phy2log, plan.new)
+    ):
+        old = new = None  # as valid as the placements the plan was made from
+    else:
+        old, new, _, _ = checked_placements(old_phy2log, new_phy2log, num_ranks)
     if torch.as_tensor(old_phy2log).dim() != 1:
         raise ValueError(
             "move_experts moves one layer: old_phy2log must be [R], got shape "
@@ -706,7 +713,9 @@ def layer_plan(
         plan = plan_moves(old[0], new[0], num_ranks)
     elif not isinstance(plan, MovePlan):
         raise TypeError(f"plan must be a MovePlan or None, got {type(plan).__name__}")
-    elif plan.old != tuple(old[0].tolist()) or plan.new != tuple(new[0].tolist()):
+    elif old is not None and (
+        plan.old != tuple(old[0].tolist()) or plan.new != tuple(new[0].tolist())
+    ):
         raise ValueError("plan was made for other placements than old_phy2log/new_phy2log")
     elif plan.num_ranks != num_ranks:
         raise ValueError(f"plan is for {plan.num_ranks} ranks, the group has {num_ranks}")
@@ -715,6 +724,18 @@ def layer_plan(
             f"the placements give {plan.slots_per_rank} slots per rank but the weights hold {slots}"
         )
     return plan
+
+
+def _placement_of(placement: object, held: tuple[int, ...]) -> bool:
+    """Whether ``placement`` is a CPU integer tensor ``[R]`` holding exactly ``held`` (a plan's
+    placement, validated when the plan was made): then it needs no second validation."""
+    return (
+        isinstance(placement, torch.Tensor)
+        and placement.device.type == "cpu"
+        and placement.dtype in INT_DTYPES
+        and placement.dim() == 1
+        and tuple(placement.tolist()) == held
+    )
 
 
 def move_experts(
@@ -784,12 +805,14 @@ def move_experts(
         mode = transport_choice(transport, comm)
         ws = checked_weights("weights", weights)
         layer = layer_plan(plan, old_phy2log, new_phy2log, comm.size, ws[0].shape[0])
-        fingerprint = placement_fingerprint(layer.old, layer.new, f"{weights_layout(ws)}|{mode}")
+        layout = f"{weights_layout(ws)}|{mode}"
         ahead = staging_ahead(comm, control, mode, layer, ws)
+        if ahead is None:
+            fingerprint = placement_fingerprint(layer.old, layer.new, layout)
     except (TypeError, ValueError) as err:
         bad = err
     if ahead is not None:
-        return _move_ahead(LayerMove(layer, ws, comm), ahead, control, fingerprint, seconds, timer)
+        return _move_ahead(LayerMove(layer, ws, comm), ahead, control, layout, seconds, timer)
     wait_commits()  # no peer may write into staging that a commit still reads
     # Row: [ok, fingerprint, pushed ahead, staging region]; see _verdict.
     check = Exchange(control, [0, 0, 0, 0] if bad is not None else [1, fingerprint, 0, 0])
@@ -870,17 +893,17 @@ def _move_ahead(
     move: LayerMove,
     peer: PeerStaging,
     control: Comm,
-    fingerprint: int,
+    layout: str,
     seconds: float,
     timer: PhaseTimer,
 ) -> MoveStats:
     """The rest of :func:`move_experts` for a move that pushes ahead: stage, push, then one
-    exchange that is both the check and the agreement, then commit."""
+    exchange that is both the check and the agreement (its fingerprint of the placements and
+    of ``layout`` is made while the pushes run), then commit."""
     failure = None
     peer.order_after_read()  # what follows on this stream follows the last commit
     timer.lap("check")
     try:
-        move.stage_local(pack=False)
         move.bind(peer, peer.region)
     except Exception as err:  # reported through the exchange, which every rank reaches
         failure = err
@@ -888,9 +911,13 @@ def _move_ahead(
     if failure is None:
         try:
             move.post()
-            move.prepare_commit()  # while the transfers run
+            # While the transfers run: saving overwritten copy sources only has to precede
+            # the commit, so the pushes do not wait for it.
+            move.stage_local(pack=False)
+            move.prepare_commit()
         except Exception as err:
             failure = err
+    fingerprint = placement_fingerprint(move.plan.old, move.plan.new, layout)
     timer.lap("post")
     row = [int(failure is None), fingerprint, 1, peer.moves % peer.regions]
     try:
