@@ -16,6 +16,11 @@ One layer moves in four phases on every rank of the group:
    weights. Every read of the commit comes from staging or from a slot the move does not
    write, so the order of the writes does not matter (swaps and cycles are safe).
 
+A move whose peer staging is ready from an earlier move (NCCL, no control group) pushes ahead:
+it validates, pushes into the staging region the previous move did not use, and then exchanges
+one row that is both the check and the agreement (queued on the device after the pushes), so
+the host waits once.
+
 On any failure every rank that is still alive raises :class:`ExpertMoveError` and its live
 weights are untouched. See docs/moves.md for the guarantees, the wire format and their limits.
 """

@@ -32,10 +32,11 @@ __all__ = [
 ]
 
 # Streams the pushes of a synchronous move are spread over: one stream's copies run one after
-# another on one copy engine, several streams' copies run on several at once. With receivers on
-# several GPUs two streams moved a layer fastest (4 x H200: 1.86 ms, against 1.89 with one and
-# 2.02 with four; on 2 GPUs all within 1 %: bench/results/profile_sync_*_h200.json). A
-# background mover uses one: it is in no hurry, and takes less memory bandwidth from the model.
+# another on one copy engine, several streams' copies run on several at once. Measured on
+# 4 x H200 (bench/results/profile_sync_*_h200.json), pushes to three receivers took 1.89-1.91
+# ms with two streams, 1.87-1.98 with one and 2.09-2.13 with four; to one receiver 1.77-1.79
+# with one or two, 1.82 with four. A background mover uses one: it is in no hurry, and takes
+# less memory bandwidth from the model.
 PUSH_STREAMS = 2
 
 # Pools by (id of the group, device index): a rendezvous per move would cost milliseconds. The
