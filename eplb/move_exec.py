@@ -321,22 +321,23 @@ def exchange(comm: Comm, row: Sequence[int], timeout: float) -> torch.Tensor:
     return Exchange(comm, row).result(timeout)
 
 
-def check_together(
+def check_rows(
     comm: Comm,
     bad: BaseException | None,
-    fingerprint: int,
+    row: Sequence[int],
     timeout: float,
     meanwhile: Callable[[], None] | None = None,
-) -> Exception | None:
-    """Before anything is sent: did every rank accept its arguments, with the same placements
-    and weight layouts? ``meanwhile`` (only if this rank accepted them) runs while the ranks
-    answer: local preparation that sends nothing. Returns what ``meanwhile`` raised (the
-    caller reports it at the agreement, which every rank reaches), else None.
+) -> tuple[list[list[int]], Exception | None]:
+    """Before anything is sent: every rank's ``row`` (zeros from a rank with ``bad``
+    arguments), as Python ints, and what ``meanwhile`` raised (None if nothing). ``meanwhile``
+    (only if this rank accepted its arguments) runs while the ranks answer: local preparation
+    that sends nothing; the caller reports its error at the agreement, which every rank
+    reaches.
 
-    Raises ``bad`` (this rank's argument error) here, :class:`ExpertMoveError` on the other
-    ranks, or :class:`ExpertMoveError` everywhere when the fingerprints differ.
+    Raises ``bad`` (this rank's argument error) if the exchange itself failed, else
+    :class:`ExpertMoveError`; the caller raises ``bad`` after looking at the rows.
     """
-    pending = Exchange(comm, [0, 0] if bad is not None else [1, fingerprint])
+    pending = Exchange(comm, [0] * len(row) if bad is not None else row)
     failure = None
     if bad is None and meanwhile is not None:
         try:
@@ -349,12 +350,29 @@ def check_together(
         if bad is not None:
             raise bad from None  # this rank's own mistake is the more useful message
         raise
+    return table.tolist(), failure
+
+
+def check_together(
+    comm: Comm,
+    bad: BaseException | None,
+    fingerprint: int,
+    timeout: float,
+    meanwhile: Callable[[], None] | None = None,
+) -> Exception | None:
+    """Before anything is sent: did every rank accept its arguments, with the same placements
+    and weight layouts? ``meanwhile`` as for :func:`check_rows`; returns what it raised.
+
+    Raises ``bad`` (this rank's argument error) here, :class:`ExpertMoveError` on the other
+    ranks, or :class:`ExpertMoveError` everywhere when the fingerprints differ.
+    """
+    rows, failure = check_rows(comm, bad, [1, fingerprint], timeout, meanwhile)
     if bad is not None:
         raise bad
-    refused = (table[:, 0] == 0).nonzero().flatten().tolist()
+    refused = [r for r, (ok, _) in enumerate(rows) if not ok]
     if refused:
         raise ExpertMoveError(f"rank(s) {refused} rejected their arguments; nothing was moved")
-    if (table[:, 1] != table[0, 1]).any():
+    if any(fp != rows[0][1] for _, fp in rows):
         raise ExpertMoveError(
             "the ranks passed different placements or weight layouts (dtype and per-slot "
             "shape of each weight tensor); nothing was moved"
@@ -398,7 +416,7 @@ def byte_rows(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     Writing into a row writes the live weight; weights of any dtype travel as bytes.
     """
     slots = weights[0].shape[0]
-    return [w.view(slots, w[0].numel()).view(torch.uint8) for w in weights]
+    return [w.view(slots, math.prod(w.shape[1:])).view(torch.uint8) for w in weights]
 
 
 class PhaseTimer:
@@ -819,24 +837,15 @@ def move_experts(
     if ahead is not None:
         return _move_ahead(LayerMove(layer, ws, comm), ahead, control, layout, seconds, timer)
     wait_commits()  # no peer may write into staging that a commit still reads
-    # Row: [ok, fingerprint, pushed ahead, staging region]; see _verdict.
-    check = Exchange(control, [0, 0, 0, 0] if bad is not None else [1, fingerprint, 0, 0])
     prepared: list[LayerMove] = []
-    failure = None
-    if bad is None:
-        try:  # while the ranks answer: local preparation that sends nothing
-            move = LayerMove(layer, ws, comm)
-            move.stage_local(pack=mode == "group")
-            prepared.append(move)
-        except Exception as err:  # reported at the agreement, which every rank reaches
-            failure = err
-    try:
-        table = check.result(seconds)
-    except ExpertMoveError:
-        if bad is not None:
-            raise bad from None  # this rank's own mistake is the more useful message
-        raise
-    rows = table.tolist()
+
+    def prepare() -> None:  # while the ranks answer the check
+        move = LayerMove(layer, ws, comm)
+        move.stage_local(pack=mode == "group")
+        prepared.append(move)
+
+    # Row: [ok, fingerprint, pushed ahead, staging region]; see _verdict.
+    rows, failure = check_rows(control, bad, [1, fingerprint, 0, 0], seconds, prepare)
     why = _verdict(rows)
     if why is not None or bad is not None:
         if any(row[2] for row in rows):  # ranks that pushed ahead drop the staging: so do we
