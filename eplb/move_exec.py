@@ -899,7 +899,7 @@ def staging_ahead(
     """
     if mode == "group" or control is not comm or not comm.polls:
         return None
-    expert_bytes = sum(w[0].numel() * w.element_size() for w in weights)
+    expert_bytes = sum(math.prod(w.shape[1:]) * w.element_size() for w in weights)
     return ready_staging(comm.group, weights[0].device, LayerMove.staging_bytes(plan, expert_bytes))
 
 
