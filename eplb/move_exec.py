@@ -802,7 +802,9 @@ def move_experts(
             host, else the group), "peer" (torch symmetric memory staging written by copy
             engines; ``ValueError`` where impossible) or "group" (``batch_isend_irecv``). Every
             rank must pass the same. The first peer move of a group makes a staging buffer
-            (a collective rendezvous); it is kept for later moves (``release_staging``).
+            of two regions, each the largest receive of any rank (a collective rendezvous);
+            it is kept for later moves (``release_staging``), which then push ahead of the
+            check's answer when no ``control_group`` is given (docs/moves.md).
         profile: drain the device at the end of each phase so that ``MoveStats.phases``
             counts GPU time too (for benchmarks: it adds synchronisations).
 
