@@ -8,8 +8,9 @@ the mover's own phase totals, and rank 0's cProfile of its ``step()`` calls (top
 own time), as JSON. With ``--sync``: bench_moves.py's synchronous move (the layer it times, there
 and back), each call's host time and host time per phase per rank, the host time of posting and
 of waiting for one small exchange, rank 0's cProfile of the moves there (by cumulative and by
-own time); then the move's pushes alone per number of push streams and order, and the host time
-of the parts of posting an exchange with the stream idle and busy.
+own time); then the move's pushes alone per number of push streams and order, the same bytes
+pushed in 1 to 63 equal copies, and the host time of the parts of posting an exchange with the
+stream idle and busy.
 
     python bench/profile_mover.py [--gpus 2] [--forwards 60] [--sync] [--out FILE]
 """
@@ -181,6 +182,37 @@ def probe_pushes(ctx: dict, repeats: int = 10) -> dict:
     return out
 
 
+def probe_copy_sizes(ctx: dict, repeats: int = 10) -> dict:
+    """The busiest rank's received bytes of the synchronous move pushed to the next rank
+    (ring-wise, as the copy-engine bandwidth is measured) in k equal copies from one buffer:
+    slowest rank's median ms per k, on one and on two streams (what many row-sized copies cost
+    against one copy)."""
+    rank, device, place = ctx["rank"], ctx["device"], ctx["place"]
+    layer, world = place["sync_layer"], dist.get_world_size()
+    plan = eplb.plan_moves(place["old"][layer], place["new"][layer], world)
+    w = ctx["weights"][layer]
+    nbytes = max(len(r) for r in plan.recvs) * sum(t[0].numel() * t.element_size() for t in w)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    out = {"bytes": nbytes}
+    for streams in (1, 2):
+        pool = PeerStaging(dist.group.WORLD, device, streams)
+        pool.reserve(nbytes)
+        for k in (1, 3, 7, 21, 63):
+            chunk = nbytes // k
+            dst = (rank + 1) % world
+            copies = [(src[i * chunk : (i + 1) * chunk], dst, i * chunk) for i in range(k)]
+            samples = []
+            for _ in range(2 + repeats):
+                dist.barrier()
+                torch.cuda.synchronize(device)
+                begin = time.perf_counter()
+                pool.push(copies)
+                torch.cuda.synchronize(device)
+                samples.append(slowest(time.perf_counter() - begin, device))
+            out[f"{streams} streams, {k} copies"] = statistics.median(samples[2:]) * 1e3
+    return out
+
+
 def probe_exchange(ctx: dict, repeats: int = 20) -> dict:
     """Host microseconds (median) of the parts of posting a small exchange on NCCL, with the
     current stream idle and busy (a sleep kernel of about a millisecond queued first): does
@@ -249,10 +281,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         if args.sync:
             record["sync"] = profile_sync(ctx)
             record["pushes_ms"] = probe_pushes(ctx)
+            record["copy_sizes_ms"] = probe_copy_sizes(ctx)
             record["exchange_post_us"] = probe_exchange(ctx)
             if rank == 0:
                 atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
                 print(json.dumps(record["pushes_ms"], indent=1))
+                print(json.dumps(record["copy_sizes_ms"], indent=1))
                 print(json.dumps(record["exchange_post_us"], indent=1))
                 print(json.dumps(record["sync"]["per_rank"], indent=1))
                 print("\n".join(record["sync"]["rank0_cprofile_by_cumulative"][:45]))
