@@ -155,6 +155,20 @@ def profile_sync(ctx: dict, moves: int = 20) -> dict:
     return out
 
 
+def push_ms(pool: PeerStaging, copies: list, device: torch.device, repeats: int) -> float:
+    """Slowest rank's median ms of ``pool.push(copies)`` (the ranks started together, the device
+    drained before and after), after two warm-up pushes."""
+    samples = []
+    for _ in range(2 + repeats):
+        dist.barrier()
+        torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        pool.push(copies)
+        torch.cuda.synchronize(device)
+        samples.append(slowest(time.perf_counter() - begin, device))
+    return statistics.median(samples[2:]) * 1e3
+
+
 def probe_pushes(ctx: dict, repeats: int = 10) -> dict:
     """The pushes of the synchronous move alone: slowest rank's median ms per number of push
     streams and order (LayerMove's interleaved order, or all rows of one receiver first)."""
@@ -170,15 +184,7 @@ def probe_pushes(ctx: dict, repeats: int = 10) -> dict:
         interleaved = move.push_copies(move.pushes())
         by_receiver = sorted(interleaved, key=lambda c: (c[1] - rank) % world)
         for order, copies in (("interleaved", interleaved), ("by_receiver", by_receiver)):
-            samples = []
-            for _ in range(2 + repeats):
-                dist.barrier()
-                torch.cuda.synchronize(device)
-                begin = time.perf_counter()
-                pool.push(copies)
-                torch.cuda.synchronize(device)
-                samples.append(slowest(time.perf_counter() - begin, device))
-            out[f"{streams} streams, {order}"] = statistics.median(samples[2:]) * 1e3
+            out[f"{streams} streams, {order}"] = push_ms(pool, copies, device, repeats)
     return out
 
 
@@ -201,15 +207,7 @@ def probe_copy_sizes(ctx: dict, repeats: int = 10) -> dict:
             chunk = nbytes // k
             dst = (rank + 1) % world
             copies = [(src[i * chunk : (i + 1) * chunk], dst, i * chunk) for i in range(k)]
-            samples = []
-            for _ in range(2 + repeats):
-                dist.barrier()
-                torch.cuda.synchronize(device)
-                begin = time.perf_counter()
-                pool.push(copies)
-                torch.cuda.synchronize(device)
-                samples.append(slowest(time.perf_counter() - begin, device))
-            out[f"{streams} streams, {k} copies"] = statistics.median(samples[2:]) * 1e3
+            out[f"{streams} streams, {k} copies"] = push_ms(pool, copies, device, repeats)
     return out
 
 
