@@ -58,7 +58,7 @@ import torch.multiprocessing as mp
 import eplb
 from eplb.fileio import atomic_write_text
 from eplb.move_async import DEFAULT_MAX_CTAS
-from eplb.move_exec import PHASES, comm_of, exchange
+from eplb.move_exec import PHASES, comm_of, exchange, expert_bytes
 from eplb.move_peer import PeerStaging
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,13 +253,13 @@ def bench_sync(ctx: dict, result: dict) -> dict:
     layer = place["sync_layer"]
     old, new = place["old"][layer], place["new"][layer]
     w = weights[layer]
-    expert_bytes = sum(t[0].numel() * t.element_size() for t in w)
+    row = expert_bytes(w)
     start = time.perf_counter()
     plans = eplb.plan_moves(place["old"], place["new"], world)
     plan_seconds = time.perf_counter() - start
     plan, back = plans[layer], eplb.plan_moves(new, old, world)
-    received = [len(r) * expert_bytes for r in plan.recvs]
-    sent = [len(s) * expert_bytes for s in plan.sends]
+    received = [len(r) * row for r in plan.recvs]
+    sent = [len(s) * row for s in plan.sends]
 
     def there_and_back() -> None:
         eplb.move_experts(w, old, new, plan=plan, timeout=120.0)
@@ -304,7 +304,7 @@ def bench_sync(ctx: dict, result: dict) -> dict:
     if group:
         group["exchange_seconds_after_peer"] = exchange_seconds(device)
 
-    ring_bytes = max(max(received), expert_bytes)
+    ring_bytes = max(max(received), row)
     ring_s = timed(p2p_ring(ring_bytes, device, rank, world), clock, device, 2, ctx["repeats"])
     ce_s = None
     if device.type == "cuda":
@@ -325,9 +325,9 @@ def bench_sync(ctx: dict, result: dict) -> dict:
         "layer": layer,
         "changed_slots": sum(int(o != n) for o, n in zip(old.tolist(), new.tolist(), strict=True)),
         "slots": len(old),
-        "expert_bytes": expert_bytes,
-        "bytes_moved": plan.bytes(expert_bytes),
-        "bytes_lower_bound": eplb.min_move_bytes(old, new, world, expert_bytes),
+        "expert_bytes": row,
+        "bytes_moved": plan.bytes(row),
+        "bytes_lower_bound": eplb.min_move_bytes(old, new, world, row),
         "bytes_received_per_rank": received,
         "bytes_sent_per_rank": sent,
         "messages_sent_per_rank": [len({d for d, _ in s}) for s in plan.sends],

@@ -48,7 +48,7 @@ from bench_moves import (
 
 import eplb
 from eplb.fileio import atomic_write_text
-from eplb.move_exec import Exchange, LayerMove, comm_of
+from eplb.move_exec import Exchange, LayerMove, comm_of, expert_bytes
 from eplb.move_peer import PeerStaging
 
 TOP = 25  # cProfile rows kept
@@ -197,7 +197,7 @@ def probe_copy_sizes(ctx: dict, repeats: int = 10) -> dict:
     layer, world = place["sync_layer"], dist.get_world_size()
     plan = eplb.plan_moves(place["old"][layer], place["new"][layer], world)
     w = ctx["weights"][layer]
-    nbytes = max(len(r) for r in plan.recvs) * sum(t[0].numel() * t.element_size() for t in w)
+    nbytes = max(len(r) for r in plan.recvs) * expert_bytes(w)
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     out = {"bytes": nbytes}
     for streams in (1, 2):

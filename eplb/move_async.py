@@ -40,6 +40,7 @@ from eplb.move_exec import (
     comm_of,
     control_comm,
     exchange,
+    expert_bytes,
     flag,
     peer_for,
     placement_fingerprint,
@@ -379,7 +380,7 @@ class ExpertMover:
         check_together(self._control, bad, fingerprint, self._timeout)
         if self._peer is not None:
             self._slot_bytes = max(
-                LayerMove.staging_bytes(plan, sum(w[0].numel() * w.element_size() for w in ws))
+                LayerMove.staging_bytes(plan, expert_bytes(ws))
                 for plan, ws in zip(plans, self._weights, strict=True)
             )
             try:

@@ -276,25 +276,22 @@ class Exchange:
         self.comm = comm
         self.work: object = None
         self.error: Exception | None = None
-        if comm.group is None or comm.flag_device.type != "cuda":
-            zeros = [0] * len(row)
-            rows = [list(row) if r == comm.rank else zeros for r in range(comm.size)]
-            self.table = torch.tensor(rows, dtype=torch.int64)
-        if comm.group is not None:
-            try:
-                if comm.flag_device.type == "cuda":
-                    self.table = torch.zeros(
-                        (comm.size, len(row)), dtype=torch.int64, device=comm.flag_device
-                    )
-                    mine = self.table[comm.rank]
-                    for j, value in enumerate(row):
-                        if value:
-                            mine[j].fill_(value)
+        try:
+            # Made where it is reduced, one small kernel per nonzero value on a GPU: no copy
+            # from host memory, which would wait for the work queued on the stream.
+            self.table = torch.zeros(
+                (comm.size, len(row)), dtype=torch.int64, device=comm.flag_device
+            )
+            mine = self.table[comm.rank]
+            for j, value in enumerate(row):
+                if value:
+                    mine[j].fill_(value)
+            if comm.group is not None:
                 # The group's own all-reduce (a sum): what dist.all_reduce calls, without its
                 # checks and logging, which cost the mover's step() more host time than this.
                 self.work = comm.group.allreduce([self.table])
-            except Exception as err:  # raised by result(), like a failed wait
-                self.error = err
+        except Exception as err:  # raised by result(), like a failed wait
+            self.error = err
 
     def result(self, timeout: float) -> torch.Tensor:
         """The table, once every rank's row arrived.
@@ -408,6 +405,11 @@ def peer_for(
     if pool is None and mode == "peer":
         raise ValueError(f"transport='peer' is not possible here: {why}")
     return pool
+
+
+def expert_bytes(weights: Sequence[torch.Tensor]) -> int:
+    """Bytes of one slot's row: every weight kind of one expert (``[S, ...]`` tensors)."""
+    return sum(math.prod(w.shape[1:]) * w.element_size() for w in weights)
 
 
 def byte_rows(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -876,8 +878,7 @@ def move_experts(
     try:
         table = exchange(control, [int(failure is None)], seconds)
     except ExpertMoveError as err:
-        move.abandon()
-        drop_staging(peer)
+        _drop(move, peer)
         raise err from failure
     failed = (table[:, 0] == 0).nonzero().flatten().tolist()
     if failed:
@@ -901,8 +902,8 @@ def staging_ahead(
     """
     if mode == "group" or control is not comm or not comm.polls:
         return None
-    expert_bytes = sum(math.prod(w.shape[1:]) * w.element_size() for w in weights)
-    return ready_staging(comm.group, weights[0].device, LayerMove.staging_bytes(plan, expert_bytes))
+    nbytes = LayerMove.staging_bytes(plan, expert_bytes(weights))
+    return ready_staging(comm.group, weights[0].device, nbytes)
 
 
 def _move_ahead(
@@ -939,8 +940,7 @@ def _move_ahead(
     try:
         table = Exchange(control, row).result(seconds)  # on the device: after the pushes
     except ExpertMoveError as err:
-        move.abandon()
-        drop_staging(peer)
+        _drop(move, peer)
         raise err from failure
     timer.lap("transfer")
     why = _verdict(table.tolist())
@@ -973,12 +973,18 @@ def _verdict(rows: list[list[int]]) -> str | None:
     return None
 
 
+def _drop(move: LayerMove, peer: PeerStaging | None) -> None:
+    """After a failure: drop the move's buffers and retire the staging (every rank does, at
+    the same move)."""
+    move.abandon()
+    drop_staging(peer)
+
+
 def _fail(
     move: LayerMove, peer: PeerStaging | None, why: str, failure: Exception | None
 ) -> NoReturn:
     """Drop the move's buffers and staging and raise :class:`ExpertMoveError` for ``why``."""
-    move.abandon()
-    drop_staging(peer)
+    _drop(move, peer)
     raise ExpertMoveError(
         f"layer {move.plan.layer}: {why}"
         + (f" (here: {failure!r})" if failure is not None else "")
