@@ -1,8 +1,9 @@
 """Build the extension modules with one CMake project (docs/architecture.md).
 
-``eplb._C`` (CPU C++, always built) and ``lplb._C`` (the CUDA kernels when ``nvcc`` is found and
-the machine has an NVIDIA driver; ``LPLB_CUDA=1`` requires them, e.g. on a build node without
-GPUs or in CI, ``LPLB_CUDA=0`` skips them). Neither links libtorch, so one build serves any torch.
+``eplb._C`` (CPU C++, always built; with the CUDA kernels also the row copies of expert moves)
+and ``lplb._C`` (the CUDA kernels when ``nvcc`` is found and the machine has an NVIDIA driver;
+``LPLB_CUDA=1`` requires them, e.g. on a build node without GPUs or in CI, ``LPLB_CUDA=0`` skips
+them). Neither links libtorch, so one build serves any torch.
 
 ``lplb._nvshmem`` (the NVSHMEM workload exchange, docs/exchange.md) is built with the CUDA
 kernels when NVSHMEM is found: ``NVSHMEM_HOME``, else the ``nvidia-nvshmem-cu13`` wheel

@@ -6,14 +6,14 @@ matrices, 88 MB each), 32 slots per rank, and a realistic rebalance: loads drift
 whose share of changed slots is nearest 20 % is timed). Reports
 
 * bytes moved against the lower bound (``min_move_bytes``);
-* the synchronous move's time (slowest rank, median of repeats after warm-up) and GB/s per
-  rank -- with the default transport (peer staging on one host: copy engines) and over the
-  group (``transport="group"``: NCCL) -- against the GPU-to-GPU bandwidth measured in the same
-  run two ways (``batch_isend_irecv`` of the same bytes to the next rank, ring-wise, and a
-  copy-engine copy of them into the next rank's symmetric memory) and a device-to-device copy
-  (the commit's cost); the same move with a gloo control group; and, with ``profile=True``
-  (device drained after each phase), the time of each phase (check, stage, post, transfer,
-  agree, commit) per rank;
+* the synchronous move's time (slowest rank, median of repeats after warm-up) and GB/s per rank
+  -- with the default transport (peer staging on one host: the row-copy kernel, and without it
+  copy engines) and over the group (``transport="group"``: NCCL) -- against the GPU-to-GPU
+  bandwidth measured in the same run two ways (``batch_isend_irecv`` of the same bytes to the
+  next rank, ring-wise, and a copy-engine copy of them into the next rank's symmetric memory)
+  and a device-to-device copy (the commit's cost); the same move with a gloo control group; and,
+  with ``profile=True`` (device drained after each phase), the time of each phase (check, stage,
+  post, transfer, agree, commit) per rank;
 * a bf16 matmul loop (the model's compute) alone, with the async mover moving layers
   continuously in the background -- with the default (peer staging on one host), over the
   group with NCCL at 4 CTAs, and once per other ``max_ctas`` of ``--ctas`` (the transfers'
@@ -56,6 +56,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import eplb
+from eplb import move_exec, row_copy
 from eplb.fileio import atomic_write_text
 from eplb.move_async import DEFAULT_MAX_CTAS
 from eplb.move_exec import PHASES, comm_of, exchange, expert_bytes
@@ -298,6 +299,14 @@ def bench_sync(ctx: dict, result: dict) -> dict:
         )
     samples, _ = samples_of()
     move_s = statistics.median(samples)
+    copy_calls: dict = {}
+    if device.type == "cuda" and row_copy.available():  # the same moves without the kernel
+        move_exec.ROW_KERNEL = False
+        try:
+            copy_samples, _ = samples_of()
+        finally:
+            move_exec.ROW_KERNEL = True
+        copy_calls["move_seconds_median"] = statistics.median(copy_samples)
     gloo_samples, _ = samples_of(control_group=ctx["control"])
     profiled_samples, profiled = samples_of(profile=True)
     phase_medians = {k: statistics.median(p.get(k, 0.0) for p in profiled) for k in PHASES}
@@ -321,6 +330,8 @@ def bench_sync(ctx: dict, result: dict) -> dict:
     best_ideal_s = max(received) / (best_gbps * 1e9)
     if group:
         group["move_vs_ideal"] = group["move_seconds_median"] / ideal_s
+    if copy_calls:
+        copy_calls["move_vs_ideal"] = copy_calls["move_seconds_median"] / ideal_s
     return {
         "layer": layer,
         "changed_slots": sum(int(o != n) for o, n in zip(old.tolist(), new.tolist(), strict=True)),
@@ -352,6 +363,7 @@ def bench_sync(ctx: dict, result: dict) -> dict:
         "ideal_seconds_best_p2p": best_ideal_s,
         "move_vs_ideal_best_p2p": move_s / best_ideal_s if best_ideal_s > 0 else None,
         "transport_group": group,
+        "without_row_kernel": copy_calls,
         "d2d_copy_seconds_same_bytes": copy_s,
         "correct_after_move": correct_after_move,
         "correct_after_return": correct_after_return,
@@ -675,6 +687,12 @@ def summary(record: dict) -> str:
             lines.append(
                 f"  over the group (NCCL): {g['move_seconds_median'] * 1e3:.2f} ms = "
                 f"{g['move_vs_ideal']:.2f}x the ideal"
+            )
+        if s.get("without_row_kernel"):
+            c = s["without_row_kernel"]
+            lines.append(
+                f"  without the row-copy kernel (copy_ per row): "
+                f"{c['move_seconds_median'] * 1e3:.2f} ms = {c['move_vs_ideal']:.2f}x the ideal"
             )
     if "phase_seconds_median_per_rank" in s:
         slowest_rank = max(s["phase_seconds_median_per_rank"], key=lambda p: sum(p.values()))

@@ -28,6 +28,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,9 +48,11 @@ from bench_moves import (
 )
 
 import eplb
+from eplb import move_exec, move_peer
 from eplb.fileio import atomic_write_text
 from eplb.move_exec import Exchange, LayerMove, comm_of, expert_bytes
 from eplb.move_peer import PeerStaging
+from eplb.row_copy import copy_rows
 
 TOP = 25  # cProfile rows kept
 
@@ -155,18 +158,104 @@ def profile_sync(ctx: dict, moves: int = 20) -> dict:
     return out
 
 
-def push_ms(pool: PeerStaging, copies: list, device: torch.device, repeats: int) -> float:
-    """Slowest rank's median ms of ``pool.push(copies)`` (the ranks started together, the device
-    drained before and after), after two warm-up pushes."""
+def device_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Slowest rank's median ms of ``fn()`` (the ranks started together, the device drained
+    before and after), after two warm-up calls."""
     samples = []
     for _ in range(2 + repeats):
         dist.barrier()
         torch.cuda.synchronize(device)
         begin = time.perf_counter()
-        pool.push(copies)
+        fn()
         torch.cuda.synchronize(device)
         samples.append(slowest(time.perf_counter() - begin, device))
     return statistics.median(samples[2:]) * 1e3
+
+
+def probe_timeline(ctx: dict, moves: int = 20) -> dict:
+    """Host timeline of the synchronous move that pushes ahead: each step of move_experts
+    wrapped in a timer, per step the median start (microseconds after the call) and duration
+    over ``moves`` moves there (the ranks started together, the device drained first)."""
+    device, place = ctx["device"], ctx["place"]
+    layer = place["sync_layer"]
+    old, new = place["old"][layer], place["new"][layer]
+    w = ctx["weights"][layer]
+    world = dist.get_world_size()
+    there, back = eplb.plan_moves(old, new, world), eplb.plan_moves(new, old, world)
+    steps = [
+        (move_exec, "comm_of"),
+        (move_exec, "checked_weights"),
+        (move_exec, "layer_plan"),
+        (move_exec, "staging_ahead"),
+        (move_exec, "_move_ahead"),
+        (move_exec.LayerMove, "__init__"),
+        (PeerStaging, "order_after_read"),
+        (move_exec.LayerMove, "bind"),
+        (move_exec.LayerMove, "push_spans"),
+        (move_exec.LayerMove, "post"),
+        (move_peer, "copy_rows"),
+        (move_exec.LayerMove, "stage_local"),
+        (move_exec.LayerMove, "prepare_commit"),
+        (move_exec, "placement_fingerprint"),
+        (move_exec.Exchange, "__init__"),
+        (move_exec.Exchange, "result"),
+        (move_exec, "_verdict"),
+        (move_exec, "_commit"),
+        (move_exec.LayerMove, "commit"),
+        (PeerStaging, "mark_read"),
+    ]
+    log: list[tuple[str, float, float]] = []
+    saved = [(owner, name, getattr(owner, name)) for owner, name in steps]
+
+    def timed(label: str, fn: Callable) -> Callable:
+        def run(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                log.append((label, begin, time.perf_counter() - begin))
+
+        return run
+
+    for owner, name, fn in saved:
+        label = f"{getattr(owner, '__name__', owner)}.{name}".replace("eplb.", "")
+        setattr(owner, name, timed(label, fn))
+    per_step: dict[str, list[tuple[float, float]]] = {}
+    totals = []
+    try:
+        for i in range(3 + moves):
+            dist.barrier()
+            torch.cuda.synchronize(device)
+            log.clear()
+            begin = time.perf_counter()
+            eplb.move_experts(w, old, new, plan=there)
+            returned = time.perf_counter() - begin
+            torch.cuda.synchronize(device)
+            done = time.perf_counter() - begin
+            if i >= 3:
+                totals.append((returned, done))
+                for label, at, took in log:
+                    per_step.setdefault(label, []).append((at - begin, took))
+            eplb.move_experts(w, new, old, plan=back)
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+    mine = {
+        label: {
+            "start_us": statistics.median(a for a, _ in v) * 1e6,
+            "us": statistics.median(t for _, t in v) * 1e6,
+            "calls_per_move": len(v) / moves,
+        }
+        for label, v in per_step.items()
+    }
+    mine["returned_us"] = statistics.median(r for r, _ in totals) * 1e6
+    mine["drained_us"] = statistics.median(d for _, d in totals) * 1e6
+    return {"per_rank": gathered(mine)}
+
+
+def push_ms(pool: PeerStaging, copies: list, device: torch.device, repeats: int) -> float:
+    """:func:`device_ms` of ``pool.push(copies)``."""
+    return device_ms(lambda: pool.push(copies), device, repeats)
 
 
 def probe_pushes(ctx: dict, repeats: int = 10) -> dict:
@@ -208,6 +297,71 @@ def probe_copy_sizes(ctx: dict, repeats: int = 10) -> dict:
             dst = (rank + 1) % world
             copies = [(src[i * chunk : (i + 1) * chunk], dst, i * chunk) for i in range(k)]
             out[f"{streams} streams, {k} copies"] = push_ms(pool, copies, device, repeats)
+    return out
+
+
+def probe_row_kernel(ctx: dict, repeats: int = 10) -> dict:
+    """The row-copy kernel against copy-engine copies (slowest rank's median ms): the sync
+    move's pushes (as many copies as LayerMove makes, in its order) per launch shape (blocks,
+    chunk bytes), the busiest receive as one copy to the next rank, and the move's commit
+    (staging to live rows; run last: it overwrites the weights with staging bytes)."""
+    rank, device, place = ctx["rank"], ctx["device"], ctx["place"]
+    layer, world = place["sync_layer"], dist.get_world_size()
+    plan = eplb.plan_moves(place["old"][layer], place["new"][layer], world)
+    comm = comm_of(None, device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    pool = PeerStaging(dist.group.WORLD, device, 2)
+    move = LayerMove(plan, ctx["weights"][layer], comm, pool, 0, kernel=True)
+    nbytes = LayerMove.staging_bytes(plan, move.expert_bytes)
+    pool.reserve(nbytes)
+    spans = move.push_spans(move.pushes())
+    src = [a for a, _, _, _ in spans]
+    dst = [pool.remote_address(r, at, n) for _, r, at, n in spans]
+    sizes = [n for _, _, _, n in spans]
+    out: dict = {"sms": sms, "copies": len(spans)}
+    copies = move.push_copies(move.pushes())
+    out["pushes, copy engines (2 streams)"] = push_ms(pool, copies, device, repeats)
+    shapes = [(b, c << 10) for b in (1, 2, 4) for c in (64, 256, 1024)]
+    for per_sm, chunk in shapes:
+        out[f"pushes, kernel {per_sm * sms} blocks {chunk >> 10} KiB"] = device_ms(
+            lambda shape=(per_sm, chunk): copy_rows(device, src, dst, sizes, shape),
+            device,
+            repeats,
+        )
+    one = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    ring = [pool.remote_address((rank + 1) % world, 0, nbytes)]
+    out["one copy to the next rank, copy engine"] = push_ms(
+        pool, [(one, (rank + 1) % world, 0)], device, repeats
+    )
+    for per_sm in (1, 2, 4):
+        out[f"one copy to the next rank, kernel {per_sm * sms} blocks"] = device_ms(
+            lambda shape=(per_sm, 1 << 20): copy_rows(
+                device, [one.data_ptr()], ring, [nbytes], shape
+            ),
+            device,
+            repeats,
+        )
+    move.bind(pool, 0)
+    for kernel in (False, True):
+        move.kernel = kernel
+        move.prepare_commit()
+        out[f"commit, {'kernel' if kernel else 'copy_ per row'}"] = device_ms(
+            move.commit, device, repeats
+        )
+    commit_dst, commit_src = move._commit_addresses()
+    commit_sizes = [size for _, size, _ in move.kinds] * len(move.writes)
+    for per_sm, chunk in shapes:
+        out[f"commit, kernel {per_sm * sms} blocks {chunk >> 10} KiB"] = device_ms(
+            lambda shape=(per_sm, chunk): copy_rows(
+                device, commit_src, commit_dst, commit_sizes, shape
+            ),
+            device,
+            repeats,
+        )
+    local = torch.empty_like(one)
+    out["one local copy of the same bytes (copy_)"] = device_ms(
+        lambda: local.copy_(one), device, repeats
+    )
     return out
 
 
@@ -278,13 +432,17 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         }
         if args.sync:
             record["sync"] = profile_sync(ctx)
+            record["timeline"] = probe_timeline(ctx)
             record["pushes_ms"] = probe_pushes(ctx)
             record["copy_sizes_ms"] = probe_copy_sizes(ctx)
+            record["row_kernel_ms"] = probe_row_kernel(ctx)
             record["exchange_post_us"] = probe_exchange(ctx)
             if rank == 0:
                 atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
                 print(json.dumps(record["pushes_ms"], indent=1))
                 print(json.dumps(record["copy_sizes_ms"], indent=1))
+                print(json.dumps(record["row_kernel_ms"], indent=1))
+                print(json.dumps(record["timeline"]["per_rank"][-1], indent=1))
                 print(json.dumps(record["exchange_post_us"], indent=1))
                 print(json.dumps(record["sync"]["per_rank"], indent=1))
                 print("\n".join(record["sync"]["rank0_cprofile_by_cumulative"][:45]))

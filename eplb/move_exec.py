@@ -8,13 +8,15 @@ One layer moves in four phases on every rank of the group:
    sent; meanwhile each rank saves overwritten copy sources and packs its sends;
 2. *transfer*: received rows land in a staging buffer, never in live weights. With peer
    staging (the GPUs of one host, :mod:`eplb.move_peer`) each sender copies its rows from the
-   live weights straight into the receivers' staging (copy engines); over the group each rank
-   packs, per receiving peer, the rows it sends into one contiguous byte buffer and one
-   ``batch_isend_irecv`` moves one message per (peer, direction);
+   live weights straight into the receivers' staging (one launch of the row-copy kernel of
+   :mod:`eplb.row_copy` on every SM where ``eplb._C`` has it, else copy engines); over the
+   group each rank packs, per receiving peer, the rows it sends into one contiguous byte
+   buffer and one ``batch_isend_irecv`` moves one message per (peer, direction);
 3. *agree*: the ranks exchange whether their transfers completed (bounded by ``timeout``);
 4. *commit*: only if every rank succeeded, staging and local copies are written into the live
-   weights. Every read of the commit comes from staging or from a slot the move does not
-   write, so the order of the writes does not matter (swaps and cycles are safe).
+   weights (one launch of the row-copy kernel, else a copy per row). Every read of the commit
+   comes from staging or from a slot the move does not write, so the order of the writes does
+   not matter (swaps and cycles are safe).
 
 A move whose peer staging is ready from an earlier move (NCCL, no control group) pushes ahead:
 it validates, pushes into the staging region the previous move did not use, and then exchanges
@@ -28,6 +30,7 @@ weights are untouched. See docs/moves.md for the guarantees, the wire format and
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import time
 import zlib
@@ -50,6 +53,8 @@ from eplb.move_peer import (
     wait_commits,
 )
 from eplb.move_plan import MovePlan, checked_placements, plan_moves
+from eplb.row_copy import available as row_kernel_available
+from eplb.row_copy import copy_rows
 
 __all__ = ["ExpertMoveError", "MoveStats", "move_experts"]
 
@@ -65,6 +70,11 @@ _ABANDONED: list[object] = []
 # move waits for milliseconds and a sleep overshoots by ~0.1 ms; then sleep _POLL_S per poll.
 _SPIN_S = 0.05
 _POLL_S = 5e-5
+
+# move_experts copies rows with one launch of the row-copy kernel where eplb._C has it (every
+# SM: a synchronous move stalls the model anyway), else with a copy_ per row. Tests switch it
+# off to cover the copy_ path on GPUs.
+ROW_KERNEL = True
 
 # Ways to move rows between ranks (the ``transport`` argument).
 TRANSPORTS = ("auto", "peer", "group")
@@ -95,9 +105,12 @@ class MoveStats:
         phases: seconds per phase. ``move_experts``: "check" (with saving overwritten copy
             sources and packing the rows to send), "stage" (taking the staging rows), "post"
             (posting the transfers, or the pushes), "transfer" (waiting for them),
-            "agree", "commit" -- host wall time; with ``profile=True`` the device is drained at
-            the end of each phase, so GPU work is counted in the phase that queued it. For
-            ``ExpertMover`` see its ``profile`` argument. Not part of equality.
+            "agree", "commit" -- host wall time; a move that pushes ahead posts its pushes
+            right after validating ("check"), then takes the staging rows, saves copy sources
+            and prepares the commit ("stage"), then waits for its one exchange ("transfer").
+            With ``profile=True`` the device is drained at the end of each phase, so GPU work
+            is counted in the phase that queued it. For ``ExpertMover`` see its ``profile``
+            argument. Not part of equality.
     """
 
     bytes_sent: int
@@ -135,18 +148,28 @@ def comm_of(group: object, device: torch.device | None = None) -> Comm:
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return Comm(None, 0, 1, (0,), torch.device("cpu"))
     pg = dist.group.WORLD if group is None else group
-    rank = dist.get_rank(pg)
-    if rank < 0:
-        raise ValueError("this process is not a member of group")
-    backend = str(dist.get_backend(pg)).lower()
+    known = _GROUPS.get(id(pg))
+    if known is None or known[0] is not pg:
+        rank = dist.get_rank(pg)
+        if rank < 0:
+            raise ValueError("this process is not a member of group")
+        backend = str(dist.get_backend(pg)).lower()
+        ranks = tuple(dist.get_process_group_ranks(pg))
+        known = _GROUPS[id(pg)] = (pg, rank, ranks, backend)
+    _, rank, ranks, backend = known
     if "nccl" in backend and device is not None and device.type == "cuda":
         flag_device = device
     elif "nccl" in backend and "gloo" not in backend:
         flag_device = torch.device("cuda", torch.cuda.current_device())
     else:
         flag_device = torch.device("cpu")
-    ranks = tuple(dist.get_process_group_ranks(pg))
-    return Comm(pg, rank, dist.get_world_size(pg), ranks, flag_device)
+    return Comm(pg, rank, len(ranks), ranks, flag_device)
+
+
+# (group, this process's rank, the group's global ranks, backend) by id of the group: asking
+# torch.distributed costs a move tens of microseconds. The entry holds its group, so the id is
+# not reused while it lives.
+_GROUPS: dict[int, tuple[object, int, tuple[int, ...], str]] = {}
 
 
 def control_comm(comm: Comm, control_group: object) -> Comm:
@@ -194,12 +217,16 @@ def checked_weights(name: str, weights: object) -> list[torch.Tensor]:
         raise TypeError(f"{name} must be a list of tensors [slots, ...], got {type(weights)}")
     if not weights:
         raise ValueError(f"{name} is empty: give at least one weight tensor")
-    out = [tensor(f"{name}[{k}]", w) for k, w in enumerate(weights)]
+    out = list(weights)
+    first = tensor(f"{name}[0]", out[0])
+    slots, device = first.shape[0] if first.dim() else None, first.device
     for k, w in enumerate(out):
-        if w.dim() == 0 or w.shape[0] != out[0].shape[0] or w.device != out[0].device:
+        if not isinstance(w, torch.Tensor):
+            tensor(f"{name}[{k}]", w)  # raises its TypeError
+        if w.dim() == 0 or w.shape[0] != slots or w.device != device:
             raise ValueError(
                 f"{name}[{k}] has shape {tuple(w.shape)} on {w.device}; every entry must be "
-                f"[{out[0].shape[0] if out[0].dim() else 'slots'}, ...] on {out[0].device}"
+                f"[{slots if slots is not None else 'slots'}, ...] on {device}"
             )
         if not w.is_contiguous():
             raise ValueError(f"{name}[{k}] must be contiguous (slots are sent as flat rows)")
@@ -222,6 +249,11 @@ def placement_fingerprint(
     else:
         data = array("q", [*old, *new]).tobytes()  # native int64, as numpy's
     return zlib.crc32(layout.encode(), zlib.crc32(data))
+
+
+def move_fingerprint(plan: MovePlan, weights: Sequence[torch.Tensor], mode: str) -> int:
+    """:func:`placement_fingerprint` of a move: its placements, weights' layout and transport."""
+    return placement_fingerprint(plan.old, plan.new, f"{weights_layout(weights)}|{mode}")
 
 
 def _wait_works(works: Sequence[object], deadline: float, polls: bool) -> None:
@@ -448,6 +480,10 @@ class Push(NamedTuple):
     first: int
 
 
+# A write of the commit: (destination slot, (source "recv" | "saved" | "live", row or slot)).
+Write = tuple[int, tuple[str, int]]
+
+
 class LayerMove:
     """One layer's move on one rank: staging, transfers, commit.
 
@@ -463,7 +499,12 @@ class LayerMove:
       them straight into its contiguous rows of that source;
     * ``peer`` (a :class:`~eplb.move_peer.PeerStaging` of one host): the receiver's staging is
       rows of its peer buffer from byte ``region``; each sender copies its rows from the live
-      weights straight into them (copy engines, no packing, nothing posted by the receiver).
+      weights straight into them (no packing, nothing posted by the receiver).
+
+    With ``kernel`` (CUDA weights and a CUDA build of ``eplb._C``) every batch of row copies --
+    the pushes, packs, saved sources, the commit -- is one launch of the row-copy kernel
+    (:mod:`eplb.row_copy`, every SM; given addresses, no views); else each row is a ``copy_``
+    (the pushes on copy engines, spread over the pool's streams).
     """
 
     def __init__(
@@ -473,28 +514,29 @@ class LayerMove:
         comm: Comm,
         peer: PeerStaging | None = None,
         region: int = 0,
+        kernel: bool = False,
     ) -> None:
         self.plan, self.weights, self.comm = plan, weights, comm
         self.peer, self.region = peer, region
-        self.rows = byte_rows(weights)
+        self.device = weights[0].device
         self.spans = []  # (offset, size) of each weight kind within a row
         offset = 0
-        for r in self.rows:
-            self.spans.append((offset, r.shape[1]))
-            offset += r.shape[1]
+        for w in weights:
+            size = math.prod(w.shape[1:]) * w.element_size()
+            self.spans.append((offset, size))
+            offset += size
         self.expert_bytes = offset
-        rank, base = comm.rank, comm.rank * plan.slots_per_rank
+        # One launch of the row-copy kernel for the pushes, packs, saves and the commit (CUDA,
+        # eplb.row_copy), else a copy_ per row (copy engines for the pushes).
+        self.kernel = kernel and self.device.type == "cuda" and row_kernel_available()
+        # (address of slot 0, bytes per slot, offset within a row) of each nonempty weight kind.
+        self.kinds = [
+            (w.data_ptr(), size, off)
+            for w, (off, size) in zip(weights, self.spans, strict=True)
+            if size
+        ]
+        rank = comm.rank
         recvs, copies = plan.recvs[rank], plan.copies[rank]
-        # Receives grouped by source rank, in plan order within a source (= the sender's order).
-        order = sorted(range(len(recvs)), key=lambda i: (recvs[i][0], i))
-        recv_row = {recvs[i][2]: row for row, i in enumerate(order)}  # dst slot -> staging row
-        self.recv_from: list[tuple[int, int, int]] = []  # (src_rank, first row, rows)
-        for row, i in enumerate(order):
-            src = recvs[i][0]
-            if self.recv_from and self.recv_from[-1][0] == src:
-                self.recv_from[-1] = (src, self.recv_from[-1][1], self.recv_from[-1][2] + 1)
-            else:
-                self.recv_from.append((src, row, 1))
         # plan.sends is sorted by receiver, in the receiver's recvs order within a pair.
         self.send_to: list[tuple[int, list[int]]] = []  # (dst_rank, source slots)
         for dst, slot in plan.sends[rank]:
@@ -502,25 +544,6 @@ class LayerMove:
                 self.send_to[-1][1].append(slot)
             else:
                 self.send_to.append((dst, [slot]))
-        written = set(recv_row) | {dst for _, dst in copies}
-        # A copy reads the old content of its source when the source held the expert before
-        # (MovePlan.copies); if the move overwrites that source, the old content is saved.
-        old = [(src, dst) for src, dst in copies if plan.old[base + src] == plan.new[base + dst]]
-        saved = sorted({src for src, _ in old if src in written})
-        save_row = {s: i for i, s in enumerate(saved)}
-        self.prestage = list(save_row.items())  # (live slot, saved row)
-        # (dst_slot, source): source ("recv"|"saved", row) or ("live", slot). Every read is a
-        # staging row or a slot that no write touches, so the writes may run in any order.
-        self.writes: list[tuple[int, tuple[str, int]]] = [
-            (dst, ("recv", recv_row[dst])) for _, _, dst in recvs
-        ]
-        for src, dst in copies:
-            if (src, dst) not in old:
-                self.writes.append((dst, ("recv", recv_row[src])))
-            elif src in save_row:
-                self.writes.append((dst, ("saved", save_row[src])))
-            else:
-                self.writes.append((dst, ("live", src)))
         self.stats = (
             len(plan.sends[rank]) * self.expert_bytes,
             len(recvs) * self.expert_bytes,
@@ -536,6 +559,65 @@ class LayerMove:
         # (torch calls keep it, and Python hands it over only every few milliseconds).
         self.pause: Callable[[], None] | None = None
 
+    @functools.cached_property
+    def receives(self) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]], list[Write]]:
+        """``(recv_from, prestage, writes)``, made when first needed (a move that pushes ahead
+        needs none of them before its pushes are queued):
+
+        * recv_from: ``(source rank, first staging row, rows)`` per sending peer -- receives
+          grouped by source rank, in plan order within a source (= the sender's order);
+        * prestage: ``(live slot, saved row)`` of the local copy sources that the move
+          overwrites (saved before the commit);
+        * writes: ``(dst slot, source)`` of the commit, source ``("recv"|"saved", row)`` or
+          ``("live", slot)``. Every read is a staging row or a slot that no write touches, so
+          the writes may run in any order.
+        """
+        plan, rank = self.plan, self.comm.rank
+        base = rank * plan.slots_per_rank
+        recvs, copies = plan.recvs[rank], plan.copies[rank]
+        order = sorted(range(len(recvs)), key=lambda i: (recvs[i][0], i))
+        recv_row = {recvs[i][2]: row for row, i in enumerate(order)}  # dst slot -> staging row
+        recv_from: list[tuple[int, int, int]] = []
+        for row, i in enumerate(order):
+            src = recvs[i][0]
+            if recv_from and recv_from[-1][0] == src:
+                recv_from[-1] = (src, recv_from[-1][1], recv_from[-1][2] + 1)
+            else:
+                recv_from.append((src, row, 1))
+        written = set(recv_row) | {dst for _, dst in copies}
+        # A copy reads the old content of its source when the source held the expert before
+        # (MovePlan.copies); if the move overwrites that source, the old content is saved.
+        old = [(src, dst) for src, dst in copies if plan.old[base + src] == plan.new[base + dst]]
+        saved = sorted({src for src, _ in old if src in written})
+        save_row = {s: i for i, s in enumerate(saved)}
+        writes: list[Write] = [(dst, ("recv", recv_row[dst])) for _, _, dst in recvs]
+        for src, dst in copies:
+            if (src, dst) not in old:
+                writes.append((dst, ("recv", recv_row[src])))
+            elif src in save_row:
+                writes.append((dst, ("saved", save_row[src])))
+            else:
+                writes.append((dst, ("live", src)))
+        return recv_from, list(save_row.items()), writes
+
+    @property
+    def recv_from(self) -> list[tuple[int, int, int]]:
+        return self.receives[0]
+
+    @property
+    def prestage(self) -> list[tuple[int, int]]:
+        return self.receives[1]
+
+    @property
+    def writes(self) -> list[Write]:
+        return self.receives[2]
+
+    @functools.cached_property
+    def rows(self) -> list[torch.Tensor]:
+        """:func:`byte_rows` of the weights (made when first needed: the row-copy kernel takes
+        addresses, not views)."""
+        return byte_rows(self.weights)
+
     @property
     def moves_data(self) -> bool:
         """Whether this rank sends or receives anything in this layer."""
@@ -548,8 +630,18 @@ class LayerMove:
 
     def _pack(self, out: torch.Tensor, slots: Sequence[int]) -> None:
         """Copy the bytes of every weight kind of local ``slots`` into the rows of ``out`` (one
-        device-to-device memcpy per row: for rows of megabytes faster than a multi-tensor
-        copy kernel)."""
+        launch of the row-copy kernel, else one device-to-device memcpy per row: for rows of
+        megabytes faster than a multi-tensor copy kernel)."""
+        if self.kernel:
+            base = out.data_ptr()
+            src, dst, nbytes = [], [], []
+            for j, slot in enumerate(slots):
+                for ptr, size, offset in self.kinds:
+                    src.append(ptr + slot * size)
+                    dst.append(base + j * self.expert_bytes + offset)
+                    nbytes.append(size)
+            copy_rows(out.device, src, dst, nbytes)
+            return
         for j, slot in enumerate(slots):
             for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
                 if size:
@@ -566,7 +658,7 @@ class LayerMove:
         """Save overwritten copy sources and, with ``pack`` (the process group), pack the rows
         to send (device-to-device copies queued on the current stream; nothing leaves this
         rank, so this may run before the ranks agreed on the move)."""
-        device = self.rows[0].device
+        device = self.device
         if self.prestage:
             self.saved = torch.empty(
                 (len(self.prestage), self.expert_bytes), dtype=torch.uint8, device=device
@@ -594,7 +686,7 @@ class LayerMove:
             self.staging = peer.local[region : region + nbytes].view(rows, self.expert_bytes)
         elif rows:
             self.staging = torch.empty(
-                (rows, self.expert_bytes), dtype=torch.uint8, device=self.rows[0].device
+                (rows, self.expert_bytes), dtype=torch.uint8, device=self.device
             )
 
     def prepare_commit(self) -> None:
@@ -623,21 +715,36 @@ class LayerMove:
             for dst, slots in self.send_to
         ]
 
-    def push_copies(self, pushes: Sequence[Push]) -> list[tuple[torch.Tensor, int, int]]:
-        """The ``(live row of one weight kind, receiver, byte offset in its staging)`` copies
-        of ``pushes``: row j to every receiver before row j + 1 to any, receivers in the order
+    def _push_order(self, pushes: Sequence[Push]) -> list[tuple[int, int, int, int]]:
+        """``(live slot, weight kind, receiver, byte offset in its staging)`` of each copy of
+        ``pushes``: row j to every receiver before row j + 1 to any, receivers in the order
         rank + 1, rank + 2, ... -- so that at any time the senders write into different
         receivers, rather than all of them into the lowest rank first."""
-        world, rank, copies = self.comm.size, self.comm.rank, []
+        world, rank, order = self.comm.size, self.comm.rank, []
         pushes = sorted(pushes, key=lambda push: (push.dst - rank) % world)
         for j in range(max((len(push.slots) for push in pushes), default=0)):
             for push in pushes:
                 if j < len(push.slots):
                     row = self.region + (push.first + j) * self.expert_bytes
-                    for rows, (offset, size) in zip(self.rows, self.spans, strict=True):
+                    for k, (offset, size) in enumerate(self.spans):
                         if size:
-                            copies.append((rows[push.slots[j]], push.dst, row + offset))
-        return copies
+                            order.append((push.slots[j], k, push.dst, row + offset))
+        return order
+
+    def push_copies(self, pushes: Sequence[Push]) -> list[tuple[torch.Tensor, int, int]]:
+        """The ``(live row of one weight kind, receiver, byte offset in its staging)`` copies
+        of ``pushes``, in :meth:`_push_order`."""
+        return [(self.rows[k][slot], dst, at) for slot, k, dst, at in self._push_order(pushes)]
+
+    def push_spans(self, pushes: Sequence[Push]) -> list[tuple[int, int, int, int]]:
+        """The ``(source address, receiver, byte offset in its staging, bytes)`` copies of
+        ``pushes`` for the row-copy kernel, in :meth:`_push_order`."""
+        bases = [w.data_ptr() for w in self.weights]
+        sizes = [size for _, size in self.spans]
+        return [
+            (bases[k] + slot * sizes[k], dst, at, sizes[k])
+            for slot, k, dst, at in self._push_order(pushes)
+        ]
 
     def post(self) -> None:
         """Post the transfers (after :meth:`stage`; they follow the current stream's work)."""
@@ -653,7 +760,10 @@ class LayerMove:
         pushed = [0] * self.comm.size
         for push in pushes:
             pushed[push.dst] += len(push.slots)
-        self.event = self.peer.push(self.push_copies(pushes), self.pause)
+        if self.kernel:
+            self.event = self.peer.push_rows(self.push_spans(pushes))
+        else:
+            self.event = self.peer.push(self.push_copies(pushes), self.pause)
         # Nobody waits for a push, so a missing one must fail here, on the sender.
         for dst, slots in self.send_to:
             if pushed[dst] != len(slots):
@@ -679,9 +789,12 @@ class LayerMove:
         else:
             _wait_works(self.works, deadline, self.comm.polls)
 
-    def _commit_copies(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _commit_copies(self) -> tuple[list, list]:
         """(destinations, sources) of the commit: a live row per weight kind of every written
-        slot, and the staging row, saved row or live row it takes."""
+        slot, and the staging row, saved row or live row it takes -- as addresses for the
+        row-copy kernel, else as views."""
+        if self.kernel:
+            return self._commit_addresses()
         buffers = {"recv": self.staging, "saved": self.saved}
         dst, src = [], []
         for slot, (kind, index) in self.writes:
@@ -694,12 +807,32 @@ class LayerMove:
                         src.append(buffers[kind][index, offset : offset + size])
         return dst, src
 
+    def _commit_addresses(self) -> tuple[list[int], list[int]]:
+        """:meth:`_commit_copies` as device addresses, one per weight kind of every write."""
+        bases = {
+            kind: buf.data_ptr()
+            for kind, buf in (("recv", self.staging), ("saved", self.saved))
+            if buf is not None
+        }
+        dst, src = [], []
+        for slot, (kind, index) in self.writes:
+            for ptr, size, offset in self.kinds:
+                dst.append(ptr + slot * size)
+                if kind == "live":
+                    src.append(ptr + index * size)
+                else:
+                    src.append(bases[kind] + index * self.expert_bytes + offset)
+        return dst, src
+
     def commit(self) -> None:
         """Write the new content of every changed slot (queued on the current stream), from
-        the views of :meth:`prepare_commit` (made while the transfers ran). One copy per row: on
-        a GPU each is a device-to-device memcpy, faster for rows of megabytes than one
-        multi-tensor copy kernel."""
+        the copies of :meth:`prepare_commit` (made while the transfers ran): one launch of the
+        row-copy kernel, else one copy per row (on a GPU each a device-to-device memcpy,
+        faster for rows of megabytes than one multi-tensor copy kernel)."""
         dst, src = self.copies if self.copies is not None else self._commit_copies()
+        if self.kernel:
+            copy_rows(self.device, src, dst, [size for _, size, _ in self.kinds] * len(self.writes))
+            return
         for d, s in zip(dst, src, strict=True):
             d.copy_(s)
 
@@ -721,19 +854,18 @@ def layer_plan(
     plan: object, old_phy2log: object, new_phy2log: object, num_ranks: int, slots: int
 ) -> MovePlan:
     """The checked :class:`MovePlan` of one layer: ``plan`` itself or one made from the maps."""
-    if (
+    old = new = None
+    if not (
         isinstance(plan, MovePlan)
         and _placement_of(old_phy2log, plan.old)
         and _placement_of(new_phy2log, plan.new)
-    ):
-        old = new = None  # as valid as the placements the plan was made from
-    else:
+    ):  # else as valid as the placements the plan was made from, and [R]
         old, new, _, _ = checked_placements(old_phy2log, new_phy2log, num_ranks)
-    if torch.as_tensor(old_phy2log).dim() != 1:
-        raise ValueError(
-            "move_experts moves one layer: old_phy2log must be [R], got shape "
-            f"{tuple(torch.as_tensor(old_phy2log).shape)} (use ExpertMover for [L, R])"
-        )
+        if torch.as_tensor(old_phy2log).dim() != 1:
+            raise ValueError(
+                "move_experts moves one layer: old_phy2log must be [R], got shape "
+                f"{tuple(torch.as_tensor(old_phy2log).shape)} (use ExpertMover for [L, R])"
+            )
     if plan is None:
         plan = plan_moves(old[0], new[0], num_ranks)
     elif not isinstance(plan, MovePlan):
@@ -832,19 +964,18 @@ def move_experts(
         mode = transport_choice(transport, comm)
         ws = checked_weights("weights", weights)
         layer = layer_plan(plan, old_phy2log, new_phy2log, comm.size, ws[0].shape[0])
-        layout = f"{weights_layout(ws)}|{mode}"
-        ahead = staging_ahead(comm, control, mode, layer, ws)
+        move = LayerMove(layer, ws, comm, kernel=ROW_KERNEL)
+        ahead = staging_ahead(comm, control, mode, move)
         if ahead is None:
-            fingerprint = placement_fingerprint(layer.old, layer.new, layout)
+            fingerprint = move_fingerprint(layer, ws, mode)
     except (TypeError, ValueError) as err:
         bad = err
     if ahead is not None:
-        return _move_ahead(LayerMove(layer, ws, comm), ahead, control, layout, seconds, timer)
+        return _move_ahead(move, ahead, control, mode, seconds, timer)
     wait_commits()  # no peer may write into staging that a commit still reads
     prepared: list[LayerMove] = []
 
     def prepare() -> None:  # while the ranks answer the check
-        move = LayerMove(layer, ws, comm)
         move.stage_local(pack=mode == "group")
         prepared.append(move)
 
@@ -857,7 +988,7 @@ def move_experts(
         if bad is not None:
             raise bad
         raise ExpertMoveError(f"{why}; live weights unchanged")
-    move = prepared[0] if prepared else LayerMove(layer, ws, comm)
+    move = prepared[0] if prepared else LayerMove(layer, ws, comm, kernel=ROW_KERNEL)
     peer = peer_for(comm, mode, ws[0].device)
     timer.lap("check")
 
@@ -887,10 +1018,8 @@ def move_experts(
     return _commit(move, peer, timer, start)
 
 
-def staging_ahead(
-    comm: Comm, control: Comm, mode: str, plan: MovePlan, weights: Sequence[torch.Tensor]
-) -> PeerStaging | None:
-    """The peer staging a move may push into before the ranks agreed on it, or None.
+def staging_ahead(comm: Comm, control: Comm, mode: str, move: LayerMove) -> PeerStaging | None:
+    """The peer staging ``move`` may push into before the ranks agreed on it, or None.
 
     That takes a pool of the group made by an earlier move, with regions large enough (every
     rank that made the same moves decides alike, and the ranks compare the decisions after the
@@ -902,40 +1031,41 @@ def staging_ahead(
     """
     if mode == "group" or control is not comm or not comm.polls:
         return None
-    nbytes = LayerMove.staging_bytes(plan, expert_bytes(weights))
-    return ready_staging(comm.group, weights[0].device, nbytes)
+    nbytes = LayerMove.staging_bytes(move.plan, move.expert_bytes)
+    return ready_staging(comm.group, move.device, nbytes)
 
 
 def _move_ahead(
     move: LayerMove,
     peer: PeerStaging,
     control: Comm,
-    layout: str,
+    mode: str,
     seconds: float,
     timer: PhaseTimer,
 ) -> MoveStats:
-    """The rest of :func:`move_experts` for a move that pushes ahead: stage, push, then one
-    exchange that is both the check and the agreement (its fingerprint of the placements and
-    of ``layout`` is made while the pushes run), then commit."""
+    """The rest of :func:`move_experts` for a move that pushes ahead: push, then one exchange
+    that is both the check and the agreement (its fingerprint of the placements, the weights'
+    layout and ``mode`` is made while the pushes run), then commit. Everything the pushes do not
+    need waits until they are queued: the staging view, saving overwritten copy sources and
+    the commit's copies only have to precede the commit."""
     failure = None
     peer.order_after_read()  # what follows on this stream follows the last commit
+    move.peer, move.region = peer, peer.region  # where the pushes land
     timer.lap("check")
     try:
-        move.bind(peer, peer.region)
+        move.post()
     except Exception as err:  # reported through the exchange, which every rank reaches
         failure = err
-    timer.lap("stage")
+    timer.lap("post")
     if failure is None:
         try:
-            move.post()
-            # While the transfers run: saving overwritten copy sources only has to precede
-            # the commit, so the pushes do not wait for it.
+            move.bind(peer, peer.region)
             move.stage_local(pack=False)
             move.prepare_commit()
         except Exception as err:
             failure = err
-    fingerprint = placement_fingerprint(move.plan.old, move.plan.new, layout)
-    timer.lap("post")
+    fingerprint = move_fingerprint(move.plan, move.weights, mode)
+    timer.lap("stage")
     row = [int(failure is None), fingerprint, 1, peer.moves % peer.regions]
     try:
         table = Exchange(control, row).result(seconds)  # on the device: after the pushes

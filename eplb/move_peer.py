@@ -1,11 +1,16 @@
-"""Staging that the ranks of one host write into directly: torch symmetric memory + copy engines.
+"""Staging that the ranks of one host write into directly: torch symmetric memory.
 
 On one host with NVLink (or PCIe peer access), a sender can write the rows a receiver needs
 straight into the receiver's staging buffer: the buffer is a symmetric allocation
-(``torch.distributed._symmetric_memory``), mapped into every rank's address space, and a
-``copy_`` from a live weight row into a peer's mapping is a peer-to-peer ``cudaMemcpyAsync``
-that the GPU's copy engines execute. So the transfer needs no packing, no receive call and no
-SM: the model's kernels keep every SM while weights move.
+(``torch.distributed._symmetric_memory``), mapped into every rank's address space. Two ways
+write it, neither needing packing or a receive call:
+
+* :meth:`PeerStaging.push`: a ``copy_`` per row from a live weight row into a peer's mapping,
+  a peer-to-peer ``cudaMemcpyAsync`` that the GPU's copy engines execute, so the model's kernels
+  keep every SM while weights move (the asynchronous mover);
+* :meth:`PeerStaging.push_rows`: one launch of the row-copy kernel (:mod:`eplb.row_copy`) for
+  every row, on every SM: a synchronous move stalls the model anyway, and one launch to
+  several receivers outruns copy-engine copies there.
 
 The pool is one symmetric uint8 buffer per (process group, device), grown collectively when a
 move needs more (every rank computes the same size from the same plans) and kept for later
@@ -19,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
+from eplb.row_copy import PUSH, copy_rows
 
 __all__ = [
     "PUSH_STREAMS",
@@ -75,6 +82,7 @@ class PeerStaging:
         self.ready: torch.cuda.Event | None = None
         self._handle: object = None  # the rendezvous: keeps the peers' mappings alive
         self._remote: list[torch.Tensor] = []
+        self._addresses: list[int] = []  # of the _remote buffers
         self.streams = [torch.cuda.Stream(device) for _ in range(streams)]
 
     @property
@@ -91,6 +99,7 @@ class PeerStaging:
 
         self.wait_ready()
         self.local, self._remote = torch.empty(0, dtype=torch.uint8, device=self.device), []
+        self._addresses = []
         self._handle, self.capacity, self.region_bytes = None, 0, 0
         total = nbytes * self.regions
         local = symm.empty(total, dtype=torch.uint8, device=self.device)
@@ -98,16 +107,26 @@ class PeerStaging:
         self._remote = [
             handle.get_buffer(peer, (total,), torch.uint8, 0) for peer in range(handle.world_size)
         ]
+        self._addresses = [buf.data_ptr() for buf in self._remote]
         self.local, self._handle, self.capacity, self.region_bytes = local, handle, total, nbytes
+
+    def _check_write(self, rank: int, offset: int, nbytes: int) -> None:
+        if not 0 <= rank < len(self._remote) or offset < 0 or offset + nbytes > self.capacity:
+            raise ValueError(
+                f"staging write [{offset}, {offset + nbytes}) outside the {self.capacity}-byte "
+                f"buffer of rank {rank} (group of {len(self._remote)})"
+            )
 
     def remote(self, rank: int, offset: int, nbytes: int) -> torch.Tensor:
         """uint8 ``[nbytes]`` view of group rank ``rank``'s buffer from byte ``offset``."""
-        if offset < 0 or offset + nbytes > self.capacity:
-            raise ValueError(
-                f"staging write [{offset}, {offset + nbytes}) outside the {self.capacity}-byte "
-                f"buffer of rank {rank}"
-            )
+        self._check_write(rank, offset, nbytes)
         return self._remote[rank][offset : offset + nbytes]
+
+    def remote_address(self, rank: int, offset: int, nbytes: int) -> int:
+        """Device address of byte ``offset`` of group rank ``rank``'s buffer, where ``nbytes``
+        bytes fit."""
+        self._check_write(rank, offset, nbytes)
+        return self._addresses[rank] + offset
 
     def push(
         self,
@@ -138,6 +157,18 @@ class PeerStaging:
         event.record(current)
         return event
 
+    def push_rows(self, spans: list[tuple[int, int, int, int]]) -> torch.cuda.Event:
+        """Queue ``(source address, rank, byte offset, bytes)`` copies into peers' buffers on
+        the current stream as one launch of the row-copy kernel (every SM; ``eplb.row_copy``),
+        in the order given; returns an event recorded after them."""
+        for _, rank, offset, size in spans:
+            self._check_write(rank, offset, size)
+        dst = [self._addresses[rank] + offset for _, rank, offset, _ in spans]
+        copy_rows(self.device, [s[0] for s in spans], dst, [s[3] for s in spans], PUSH)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
     def mark_read(self, stream: torch.cuda.Stream) -> None:
         """Record that ``stream``'s queued work is the last to read ``local``."""
         self.ready = torch.cuda.Event()
@@ -152,7 +183,7 @@ class PeerStaging:
     def order_after_read(self) -> None:
         """Make the current stream wait (on the device; the host goes on) for the last commit
         that read ``local``."""
-        if self.ready is not None:
+        if self.ready is not None and not self.ready.query():  # a query costs less than a wait
             torch.cuda.current_stream(self.device).wait_event(self.ready)
 
 

@@ -221,6 +221,18 @@ def _ahead_moves(rank: int, world: int, device, seeds: list[int], slots: int, ki
     return out
 
 
+def _without_row_kernel(fn: Callable[..., list], *args) -> list:
+    """``fn(*args)`` with move_experts copying rows by copy_ calls (copy engines for the
+    pushes) instead of the row-copy kernel."""
+    from eplb import move_exec
+
+    move_exec.ROW_KERNEL = False
+    try:
+        return fn(*args)
+    finally:
+        move_exec.ROW_KERNEL = True
+
+
 def _async_moves(
     rank: int, world: int, device, seed: int, slots: int, kinds, max_in_flight: int, options: dict
 ) -> tuple[list[list[int]], int, int, dict, list[str]]:
@@ -282,6 +294,9 @@ def check_moves(rank: int, world: int, device: torch.device, seeds: list[int], s
     return {
         "sync": _sync_moves(rank, world, device, seeds, slots, kinds, control),
         "ahead": _ahead_moves(rank, world, device, seeds, slots, kinds) if cuda else [],
+        "ahead_copy": _without_row_kernel(_ahead_moves, rank, world, device, seeds, slots, kinds)
+        if cuda
+        else [],
         "async": [
             _async_moves(rank, world, device, seeds[i], slots, kinds, in_flight, options)
             for in_flight, i, options in runs

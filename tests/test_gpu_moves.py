@@ -3,8 +3,8 @@ bit-exact checks as the CPU test (sync moves -- also profiled and with a gloo co
 through peer staging and over the group, and the async mover with the automatic gloo control
 group through peer staging, on its own NCCL group limited to max_ctas CTAs and on the group
 itself), on bf16 experts with float32 scales; moves that push ahead of the check's answer
-(staging ready from an earlier move); and the fault scenarios through peer staging, also
-pushing ahead."""
+(staging ready from an earlier move), with the row-copy kernel and with copy_ calls; and the
+fault scenarios through peer staging, also pushing ahead."""
 
 from __future__ import annotations
 
@@ -60,10 +60,11 @@ def test_nccl_moves_are_bit_exact(tmp_path: Path) -> None:
             peer = rec["sync"][i][5] != "group"
             messages = (len(to), 0 if peer else len(since))
             assert rec["sync"][i][3] == messages and rec["sync"][i][4] == sorted(PHASES)
-    for rec in records:  # each seed's second move pushed ahead of the check's answer
-        went = [rec["ahead"][2 * i + 1] for i in range(len(SEEDS))]
-        assert went == [(True, sorted(PHASES))] * len(SEEDS), went
-    assert all(rec["ahead"] == records[0]["ahead"] for rec in records)
+    for key in ("ahead", "ahead_copy"):  # with the row-copy kernel, then with copy_ calls
+        for rec in records:  # each seed's second move pushed ahead of the check's answer
+            went = [rec[key][2 * i + 1] for i in range(len(SEEDS))]
+            assert went == [(True, sorted(PHASES))] * len(SEEDS), (key, went)
+        assert all(rec[key] == records[0][key] for rec in records)
     runs = ASYNC_RUNS + NCCL_ASYNC_RUNS
     assert len(records[0]["async"]) == len(runs)
     for k, (_, _, options) in enumerate(runs):

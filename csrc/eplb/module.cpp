@@ -2,6 +2,7 @@
 // tensors (`tensor.data_ptr()`) and sizes; the Python wrapper in eplb/algorithm.py validates
 // them. Layers are independent and run with the GIL released.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -12,6 +13,9 @@
 #include "common/pointers.h"
 #include "eplb_balanced.h"
 #include "eplb_deepseek.h"
+#if defined(EPLB_WITH_CUDA)
+#include "row_copy.h"
+#endif
 
 namespace py = pybind11;
 
@@ -132,7 +136,7 @@ eplb::Shape make_shape(int64_t num_experts, int64_t num_replicas, int64_t num_gr
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "eplb native extension: the CPU EPLB algorithms";
+  m.doc() = "eplb native extension: the CPU EPLB algorithms (and, in CUDA builds, row copies)";
   m.def(
       "eplb_deepseek",
       [](uintptr_t weight, uintptr_t group_load, int64_t num_layers, int64_t num_experts,
@@ -179,4 +183,17 @@ PYBIND11_MODULE(_C, m) {
         "log2phy [L, E, maxcnt] int64, -1 padded. False if an id or rank is out of range.",
         py::arg("phy2log"), py::arg("phyrank"), py::arg("num_layers"), py::arg("num_replicas"),
         py::arg("num_experts"), py::arg("maxcnt"), py::arg("log2phy"));
+#if defined(EPLB_WITH_CUDA)
+  m.def(
+      "copy_rows_cuda",
+      [](int device, const std::vector<std::uintptr_t>& src, const std::vector<std::uintptr_t>& dst,
+         const std::vector<std::int64_t>& bytes, int blocks_per_sm, std::int64_t chunk_bytes,
+         std::uintptr_t stream) {
+        eplb::copy_rows(device, src, dst, bytes, blocks_per_sm, chunk_bytes, stream);
+      },
+      "Queue the byte copies src[i] -> dst[i] (device addresses, bytes[i] each) on a CUDA stream "
+      "in one launch per 64 copies (eplb/row_copy.py).",
+      py::arg("device"), py::arg("src"), py::arg("dst"), py::arg("bytes"), py::arg("blocks_per_sm"),
+      py::arg("chunk_bytes"), py::arg("stream"));
+#endif
 }
