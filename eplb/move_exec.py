@@ -33,6 +33,7 @@ import datetime
 import functools
 import math
 import time
+import weakref
 import zlib
 from array import array
 from collections.abc import Callable, Sequence
@@ -148,15 +149,14 @@ def comm_of(group: object, device: torch.device | None = None) -> Comm:
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return Comm(None, 0, 1, (0,), torch.device("cpu"))
     pg = dist.group.WORLD if group is None else group
-    known = _GROUPS.get(id(pg))
-    if known is None or known[0] is not pg:
+    known = _GROUPS.get(pg)
+    if known is None:
         rank = dist.get_rank(pg)
         if rank < 0:
             raise ValueError("this process is not a member of group")
         backend = str(dist.get_backend(pg)).lower()
-        ranks = tuple(dist.get_process_group_ranks(pg))
-        known = _GROUPS[id(pg)] = (pg, rank, ranks, backend)
-    _, rank, ranks, backend = known
+        known = _GROUPS[pg] = (rank, tuple(dist.get_process_group_ranks(pg)), backend)
+    rank, ranks, backend = known
     if "nccl" in backend and device is not None and device.type == "cuda":
         flag_device = device
     elif "nccl" in backend and "gloo" not in backend:
@@ -166,10 +166,9 @@ def comm_of(group: object, device: torch.device | None = None) -> Comm:
     return Comm(pg, rank, len(ranks), ranks, flag_device)
 
 
-# (group, this process's rank, the group's global ranks, backend) by id of the group: asking
-# torch.distributed costs a move tens of microseconds. The entry holds its group, so the id is
-# not reused while it lives.
-_GROUPS: dict[int, tuple[object, int, tuple[int, ...], str]] = {}
+# (this process's rank, the group's global ranks, backend) by process group, for as long as the
+# group lives: asking torch.distributed costs a move tens of microseconds.
+_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def control_comm(comm: Comm, control_group: object) -> Comm:

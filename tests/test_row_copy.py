@@ -97,3 +97,16 @@ def test_copies_follow_the_current_stream() -> None:
         c = b + 1
     stream.synchronize()
     assert bool((c == 8).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_copy_on_another_device_keeps_the_current_device() -> None:
+    torch.cuda.set_device(0)
+    device = torch.device("cuda", 1)
+    a = torch.arange(1024, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    row_copy.copy_rows(device, [a.data_ptr()], [b.data_ptr()], [a.numel() * 4])
+    torch.cuda.synchronize(device)
+    assert torch.cuda.current_device() == 0
+    assert torch.equal(a, b)

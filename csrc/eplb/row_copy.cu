@@ -82,6 +82,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Makes `device` current for its lifetime, then restores the previous one.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int now = previous_;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 // SMs of `device`, asked once per device (the copies of a move are on its critical path).
 int multiprocessors(int device) {
   static std::mutex mutex;
@@ -120,8 +138,9 @@ void copy_rows(int device, const std::vector<std::uintptr_t>& src,
     common::require(bytes[i] == 0 || (src[i] != 0 && dst[i] != 0),
                     "copy_rows: null address for a non-empty copy");
   }
-  // The statically linked runtime keeps its own current device: launch on the tensors' one.
-  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  // Launch on the tensors' device, and leave the thread's current device as it was (torch's
+  // runtime reads the same driver context).
+  const DeviceGuard guard(device);
   const int blocks = std::max(1, multiprocessors(device) * blocks_per_sm);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   CopyBatch batch{};
