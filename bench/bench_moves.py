@@ -301,11 +301,11 @@ def bench_sync(ctx: dict, result: dict) -> dict:
     move_s = statistics.median(samples)
     copy_calls: dict = {}
     if device.type == "cuda" and row_copy.available():  # the same moves without the kernel
-        move_exec.ROW_KERNEL = False
+        before, move_exec.ROW_KERNEL = move_exec.ROW_KERNEL, False
         try:
             copy_samples, _ = samples_of()
         finally:
-            move_exec.ROW_KERNEL = True
+            move_exec.ROW_KERNEL = before
         copy_calls["move_seconds_median"] = statistics.median(copy_samples)
     gloo_samples, _ = samples_of(control_group=ctx["control"])
     profiled_samples, profiled = samples_of(profile=True)

@@ -972,11 +972,9 @@ def move_experts(
     if ahead is not None:
         return _move_ahead(move, ahead, control, mode, seconds, timer)
     wait_commits()  # no peer may write into staging that a commit still reads
-    prepared: list[LayerMove] = []
 
-    def prepare() -> None:  # while the ranks answer the check
+    def prepare() -> None:  # while the ranks answer the check (only if bad is None)
         move.stage_local(pack=mode == "group")
-        prepared.append(move)
 
     # Row: [ok, fingerprint, pushed ahead, staging region]; see _verdict.
     rows, failure = check_rows(control, bad, [1, fingerprint, 0, 0], seconds, prepare)
@@ -987,7 +985,6 @@ def move_experts(
         if bad is not None:
             raise bad
         raise ExpertMoveError(f"{why}; live weights unchanged")
-    move = prepared[0] if prepared else LayerMove(layer, ws, comm, kernel=ROW_KERNEL)
     peer = peer_for(comm, mode, ws[0].device)
     timer.lap("check")
 

@@ -161,9 +161,7 @@ class PeerStaging:
         """Queue ``(source address, rank, byte offset, bytes)`` copies into peers' buffers on
         the current stream as one launch of the row-copy kernel (every SM; ``eplb.row_copy``),
         in the order given; returns an event recorded after them."""
-        for _, rank, offset, size in spans:
-            self._check_write(rank, offset, size)
-        dst = [self._addresses[rank] + offset for _, rank, offset, _ in spans]
+        dst = [self.remote_address(rank, offset, size) for _, rank, offset, size in spans]
         copy_rows(self.device, [s[0] for s in spans], dst, [s[3] for s in spans], PUSH)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))

@@ -226,11 +226,11 @@ def _without_row_kernel(fn: Callable[..., list], *args) -> list:
     pushes) instead of the row-copy kernel."""
     from eplb import move_exec
 
-    move_exec.ROW_KERNEL = False
+    before, move_exec.ROW_KERNEL = move_exec.ROW_KERNEL, False
     try:
         return fn(*args)
     finally:
-        move_exec.ROW_KERNEL = True
+        move_exec.ROW_KERNEL = before
 
 
 def _async_moves(

@@ -6,11 +6,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
-#include <stdexcept>
-#include <string>
-#include <unordered_map>
 
+#include "common/cuda_checks.h"
 #include "common/pointers.h"
 #include "row_copy.h"
 
@@ -30,12 +27,7 @@ struct CopyBatch {
   int count;
 };
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("eplb CUDA error in ") + what + ": " +
-                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-  }
-}
+void check_cuda(cudaError_t err, const char* what) { common::check_cuda(err, "eplb", what); }
 
 // Copies n bytes as vectors V (src, dst and n are multiples of sizeof(V)).
 template <typename V>
@@ -100,20 +92,6 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-// SMs of `device`, asked once per device (the copies of a move are on its critical path).
-int multiprocessors(int device) {
-  static std::mutex mutex;
-  static std::unordered_map<int, int> known;
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto found = known.find(device);
-  if (found != known.end()) return found->second;
-  int sms = 0;
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute");
-  known.emplace(device, sms);
-  return sms;
-}
-
 void launch(CopyBatch& batch, int blocks, cudaStream_t stream) {
   if (batch.count == 0) return;
   const long long total = batch.first_chunk[batch.count];
@@ -141,7 +119,8 @@ void copy_rows(int device, const std::vector<std::uintptr_t>& src,
   // Launch on the tensors' device, and leave the thread's current device as it was (torch's
   // runtime reads the same driver context).
   const DeviceGuard guard(device);
-  const int blocks = std::max(1, multiprocessors(device) * blocks_per_sm);
+  const int sms = common::device_attribute(cudaDevAttrMultiProcessorCount, device, "eplb");
+  const int blocks = std::max(1, sms * blocks_per_sm);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   CopyBatch batch{};
   batch.chunk_bytes = chunk_bytes;

@@ -8,17 +8,14 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_checks.h"
+
 namespace lplb {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Throws with the failing call (or kernel) named, so a Python traceback says what broke.
-inline void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("lplb CUDA error in ") + what + ": " +
-                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-  }
-}
+inline void check_cuda(cudaError_t err, const char* what) { common::check_cuda(err, "lplb", what); }
 
 // Launch errors (bad configuration, missing kernel image) surface here without a device sync;
 // faults inside the kernel surface at the caller's next synchronising call, as usual in CUDA.

@@ -224,29 +224,16 @@ __global__ void __launch_bounds__(kMaxMapWarps * 32, 1)
   if (bad) *error_flag = 1;
 }
 
-// The largest dynamic shared memory a block of this device may use (opt-in), and the kernels
-// already allowed to use more than the default 48 KiB there.
+// The kernels already allowed to use more than the default 48 KiB of dynamic shared memory, per
+// device.
 struct SmemLimits {
   std::mutex mutex;
-  std::unordered_map<int, int> optin;                             // device -> bytes
   std::unordered_map<const void*, std::unordered_map<int, size_t>> allowed;  // kernel -> dev
 };
 
 SmemLimits& smem_limits() {
   static SmemLimits limits;
   return limits;
-}
-
-int device_smem_optin(int device) {
-  SmemLimits& limits = smem_limits();
-  std::lock_guard<std::mutex> lock(limits.mutex);
-  auto it = limits.optin.find(device);
-  if (it != limits.optin.end()) return it->second;
-  int bytes = 0;
-  check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "map_idx: cudaDeviceGetAttribute");
-  limits.optin.emplace(device, bytes);
-  return bytes;
 }
 
 void allow_smem(const void* kernel, int device, size_t smem) {
@@ -270,7 +257,9 @@ void launch_map_idx(const void* idx, bool idx_int64, std::int64_t n, void* out,
                     std::int32_t* error_flag, cudaStream_t stream) {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "map_idx: cudaGetDevice");
-  const size_t budget = static_cast<size_t>(device_smem_optin(device));
+  // The largest dynamic shared memory a block of this device may use (opt-in).
+  const size_t budget = static_cast<size_t>(
+      common::device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device, "lplb"));
   const size_t fixed = MapSmem::fixed(n_logical);
   const size_t per_warp = MapSmem::per_warp(n_logical);
   const size_t fit = budget > fixed ? (budget - fixed) / per_warp : 0;
