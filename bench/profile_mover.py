@@ -198,6 +198,7 @@ def probe_timeline(ctx: dict, moves: int = 20) -> dict:
         (move_exec.LayerMove, "prepare_commit"),
         (move_exec, "placement_fingerprint"),
         (move_exec.Exchange, "__init__"),
+        (move_exec, "_gated_commit"),
         (move_exec.Exchange, "result"),
         (move_exec, "_verdict"),
         (move_exec, "_commit"),

@@ -21,7 +21,9 @@ One layer moves in four phases on every rank of the group:
 A move whose peer staging is ready from an earlier move (NCCL, no control group) pushes ahead:
 it validates, pushes into the staging region the previous move did not use, and then exchanges
 one row that is both the check and the agreement (queued on the device after the pushes), so
-the host waits once.
+the host waits once. With the row-copy kernel its commit is queued too, before the answer, on
+a stream behind the exchange, through a gate that the kernel checks on the device: the commit
+starts as soon as the ranks agreed (``eplb.row_copy.Gate``).
 
 On any failure every rank that is still alive raises :class:`ExpertMoveError` and its live
 weights are untouched. See docs/moves.md for the guarantees, the wire format and their limits.
@@ -54,8 +56,8 @@ from eplb.move_peer import (
     wait_commits,
 )
 from eplb.move_plan import MovePlan, checked_placements, plan_moves
+from eplb.row_copy import Gate, copy_rows
 from eplb.row_copy import available as row_kernel_available
-from eplb.row_copy import copy_rows
 
 __all__ = ["ExpertMoveError", "MoveStats", "move_experts"]
 
@@ -108,7 +110,9 @@ class MoveStats:
             (posting the transfers, or the pushes), "transfer" (waiting for them),
             "agree", "commit" -- host wall time; a move that pushes ahead posts its pushes
             right after validating ("check"), then takes the staging rows, saves copy sources
-            and prepares the commit ("stage"), then waits for its one exchange ("transfer").
+            and prepares the commit ("stage"), then posts its one exchange, queues a gated
+            commit behind it on the device (with the row-copy kernel) and waits for the
+            exchange's answer ("transfer").
             With ``profile=True`` the device is drained at the end of each phase, so GPU work
             is counted in the phase that queued it. For ``ExpertMover`` see its ``profile``
             argument. Not part of equality.
@@ -714,35 +718,42 @@ class LayerMove:
             for dst, slots in self.send_to
         ]
 
-    def _push_order(self, pushes: Sequence[Push]) -> list[tuple[int, int, int, int]]:
-        """``(live slot, weight kind, receiver, byte offset in its staging)`` of each copy of
-        ``pushes``: row j to every receiver before row j + 1 to any, receivers in the order
-        rank + 1, rank + 2, ... -- so that at any time the senders write into different
+    def _push_order(self, pushes: Sequence[Push]) -> list[tuple[int, int, int]]:
+        """``(live slot, receiver, byte offset of its row in the receiver's staging)`` of each
+        row of ``pushes``: row j to every receiver before row j + 1 to any, receivers in the
+        order rank + 1, rank + 2, ... -- so that at any time the senders write into different
         receivers, rather than all of them into the lowest rank first."""
-        world, rank, order = self.comm.size, self.comm.rank, []
+        world, rank, region, row_bytes = (
+            self.comm.size,
+            self.comm.rank,
+            self.region,
+            self.expert_bytes,
+        )
         pushes = sorted(pushes, key=lambda push: (push.dst - rank) % world)
-        for j in range(max((len(push.slots) for push in pushes), default=0)):
-            for push in pushes:
-                if j < len(push.slots):
-                    row = self.region + (push.first + j) * self.expert_bytes
-                    for k, (offset, size) in enumerate(self.spans):
-                        if size:
-                            order.append((push.slots[j], k, push.dst, row + offset))
-        return order
+        return [
+            (push.slots[j], push.dst, region + (push.first + j) * row_bytes)
+            for j in range(max((len(push.slots) for push in pushes), default=0))
+            for push in pushes
+            if j < len(push.slots)
+        ]
 
     def push_copies(self, pushes: Sequence[Push]) -> list[tuple[torch.Tensor, int, int]]:
         """The ``(live row of one weight kind, receiver, byte offset in its staging)`` copies
-        of ``pushes``, in :meth:`_push_order`."""
-        return [(self.rows[k][slot], dst, at) for slot, k, dst, at in self._push_order(pushes)]
+        of ``pushes``, in :meth:`_push_order`, weight kinds in order within a row."""
+        kinds = [(k, offset) for k, (offset, size) in enumerate(self.spans) if size]
+        return [
+            (self.rows[k][slot], dst, at + offset)
+            for slot, dst, at in self._push_order(pushes)
+            for k, offset in kinds
+        ]
 
     def push_spans(self, pushes: Sequence[Push]) -> list[tuple[int, int, int, int]]:
         """The ``(source address, receiver, byte offset in its staging, bytes)`` copies of
-        ``pushes`` for the row-copy kernel, in :meth:`_push_order`."""
-        bases = [w.data_ptr() for w in self.weights]
-        sizes = [size for _, size in self.spans]
+        ``pushes`` for the row-copy kernel, in the order of :meth:`push_copies`."""
         return [
-            (bases[k] + slot * sizes[k], dst, at, sizes[k])
-            for slot, k, dst, at in self._push_order(pushes)
+            (ptr + slot * size, dst, at + offset, size)
+            for slot, dst, at in self._push_order(pushes)
+            for ptr, size, offset in self.kinds
         ]
 
     def post(self) -> None:
@@ -823,15 +834,19 @@ class LayerMove:
                     src.append(bases[kind] + index * self.expert_bytes + offset)
         return dst, src
 
-    def commit(self) -> None:
+    def commit(self, gate: Gate | None = None) -> None:
         """Write the new content of every changed slot (queued on the current stream), from
         the copies of :meth:`prepare_commit` (made while the transfers ran): one launch of the
-        row-copy kernel, else one copy per row (on a GPU each a device-to-device memcpy,
-        faster for rows of megabytes than one multi-tensor copy kernel)."""
+        row-copy kernel -- through ``gate`` if given (:class:`~eplb.row_copy.Gate`) -- else one
+        copy per row (on a GPU each a device-to-device memcpy, faster for rows of megabytes
+        than one multi-tensor copy kernel)."""
         dst, src = self.copies if self.copies is not None else self._commit_copies()
         if self.kernel:
-            copy_rows(self.device, src, dst, [size for _, size, _ in self.kinds] * len(self.writes))
+            nbytes = [size for _, size, _ in self.kinds] * len(self.writes)
+            copy_rows(self.device, src, dst, nbytes, gate=gate)
             return
+        if gate is not None:
+            raise ValueError("a gated commit needs the row-copy kernel")
         for d, s in zip(dst, src, strict=True):
             d.copy_(s)
 
@@ -1043,7 +1058,10 @@ def _move_ahead(
     that is both the check and the agreement (its fingerprint of the placements, the weights'
     layout and ``mode`` is made while the pushes run), then commit. Everything the pushes do not
     need waits until they are queued: the staging view, saving overwritten copy sources and
-    the commit's copies only have to precede the commit."""
+    the commit's copies only have to precede the commit. With the row-copy kernel the commit is
+    queued before the answer, gated on the device (:func:`_gated_commit`); if the answer does
+    not come in time the host closes the gate, and if the gate had passed already (the ranks
+    agreed just after the deadline) the move completes."""
     failure = None
     peer.order_after_read()  # what follows on this stream follows the last commit
     move.peer, move.region = peer, peer.region  # where the pushes land
@@ -1063,17 +1081,45 @@ def _move_ahead(
     fingerprint = move_fingerprint(move.plan, move.weights, mode)
     timer.lap("stage")
     row = [int(failure is None), fingerprint, 1, peer.moves % peer.regions]
+    exchanged = Exchange(control, row)  # on the device: after the pushes
+    gate = None
+    if (
+        failure is None
+        and move.kernel
+        and exchanged.work is not None
+        and peer.commit_stream is not None
+    ):
+        gate = _gated_commit(move, peer, exchanged)
     try:
-        table = Exchange(control, row).result(seconds)  # on the device: after the pushes
+        table = exchanged.result(seconds)
     except ExpertMoveError as err:
-        _drop(move, peer)
-        raise err from failure
+        if gate is None or gate.close():
+            _drop(move, peer, gate)
+            raise err from failure
+        table = None  # the gate passed on the device: every rank agreed; the commit runs
     timer.lap("transfer")
-    why = _verdict(table.tolist())
+    why = _verdict(table.tolist()) if table is not None else None
     if why is not None:
-        _fail(move, peer, why, failure)
+        _fail(move, peer, why, failure, gate)
     timer.lap("agree")
-    return _commit(move, peer, timer, timer.start)
+    return _commit(move, peer, timer, timer.start, gated=gate is not None)
+
+
+def _gated_commit(move: LayerMove, peer: PeerStaging, exchanged: Exchange) -> Gate:
+    """Queue ``move``'s commit on the pool's commit stream behind the exchange's all-reduce,
+    through a gate that passes exactly when :func:`_verdict` of the exchanged table finds
+    nothing wrong (every rank's row equals this rank's, which says ok): the commit starts as
+    soon as the ranks agreed on the device, not after the answer reached this host and a
+    launch came back. The current stream does not wait for it until the host saw the answer
+    (:func:`_commit`), so an exchange that never completes holds up nothing queued after the
+    move; the host then closes the gate (:meth:`~eplb.row_copy.Gate.close`)."""
+    gate = Gate(exchanged.table, move.comm.rank)
+    stream = peer.commit_stream
+    stream.wait_stream(torch.cuda.current_stream(move.device))
+    with torch.cuda.stream(stream):
+        exchanged.work.wait()  # the stream, not the host, waits for the all-reduce
+        move.commit(gate)
+    return gate
 
 
 def _verdict(rows: list[list[int]]) -> str | None:
@@ -1099,18 +1145,24 @@ def _verdict(rows: list[list[int]]) -> str | None:
     return None
 
 
-def _drop(move: LayerMove, peer: PeerStaging | None) -> None:
+def _drop(move: LayerMove, peer: PeerStaging | None, gate: Gate | None = None) -> None:
     """After a failure: drop the move's buffers and retire the staging (every rank does, at
-    the same move)."""
+    the same move). A gated commit that did not pass still reads its gate when it runs."""
     move.abandon()
     drop_staging(peer)
+    if gate is not None:
+        _ABANDONED.append(gate)
 
 
 def _fail(
-    move: LayerMove, peer: PeerStaging | None, why: str, failure: Exception | None
+    move: LayerMove,
+    peer: PeerStaging | None,
+    why: str,
+    failure: Exception | None,
+    gate: Gate | None = None,
 ) -> NoReturn:
     """Drop the move's buffers and staging and raise :class:`ExpertMoveError` for ``why``."""
-    _drop(move, peer)
+    _drop(move, peer, gate)
     raise ExpertMoveError(
         f"layer {move.plan.layer}: {why}"
         + (f" (here: {failure!r})" if failure is not None else "")
@@ -1119,10 +1171,19 @@ def _fail(
 
 
 def _commit(
-    move: LayerMove, peer: PeerStaging | None, timer: PhaseTimer, start: float
+    move: LayerMove,
+    peer: PeerStaging | None,
+    timer: PhaseTimer,
+    start: float,
+    gated: bool = False,
 ) -> MoveStats:
-    """Write the staged rows into the live weights (queued on the current stream)."""
-    move.commit()
+    """Write the staged rows into the live weights (queued on the current stream); ``gated``:
+    the commit is queued already on the pool's commit stream (:func:`_gated_commit`), and the
+    current stream now waits for it."""
+    if gated:
+        torch.cuda.current_stream(move.device).wait_stream(peer.commit_stream)
+    else:
+        move.commit()
     if peer is not None:
         peer.mark_read(torch.cuda.current_stream(peer.device))
         peer.moves += 1

@@ -25,7 +25,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from eplb.row_copy import PUSH, copy_rows
+from eplb.row_copy import PUSH, copy_rows, own_stream
+from eplb.row_copy import available as row_kernel_available
 
 __all__ = [
     "PUSH_STREAMS",
@@ -67,6 +68,11 @@ class PeerStaging:
             stages in region ``moves % regions``.
         local: uint8 ``[capacity]``, this rank's buffer (peers write into it).
         ready: CUDA event recorded after the last commit that read ``local``.
+        streams: the streams that copy-engine pushes are spread over.
+        commit_stream: where a move that pushes ahead queues its gated commit
+            (``eplb.move_exec``): a stream of the pool's own, since it may wait forever behind
+            an agreement that never comes; made by the first :meth:`reserve` where ``eplb._C``
+            has the row-copy kernel, else None.
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class PeerStaging:
         self._remote: list[torch.Tensor] = []
         self._addresses: list[int] = []  # of the _remote buffers
         self.streams = [torch.cuda.Stream(device) for _ in range(streams)]
+        self.commit_stream: torch.cuda.ExternalStream | None = None
 
     @property
     def region(self) -> int:
@@ -109,6 +116,10 @@ class PeerStaging:
         ]
         self._addresses = [buf.data_ptr() for buf in self._remote]
         self.local, self._handle, self.capacity, self.region_bytes = local, handle, total, nbytes
+        if self.commit_stream is None and row_kernel_available():
+            # Made in a move that pushes nothing yet: making it loads kernels, which waits
+            # for the work running on the device.
+            self.commit_stream = own_stream(self.device)
 
     def _check_write(self, rank: int, offset: int, nbytes: int) -> None:
         if not 0 <= rank < len(self._remote) or offset < 0 or offset + nbytes > self.capacity:
@@ -161,8 +172,12 @@ class PeerStaging:
         """Queue ``(source address, rank, byte offset, bytes)`` copies into peers' buffers on
         the current stream as one launch of the row-copy kernel (every SM; ``eplb.row_copy``),
         in the order given; returns an event recorded after them."""
-        dst = [self.remote_address(rank, offset, size) for _, rank, offset, size in spans]
-        copy_rows(self.device, [s[0] for s in spans], dst, [s[3] for s in spans], PUSH)
+        src, dst, nbytes = [], [], []
+        for source, rank, offset, size in spans:
+            src.append(source)
+            dst.append(self.remote_address(rank, offset, size))
+            nbytes.append(size)
+        copy_rows(self.device, src, dst, nbytes, PUSH)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return event

@@ -7,6 +7,11 @@ than the SMs do. A synchronous move stalls the model anyway, so its copies may t
 ``copy_rows`` queues them all as one kernel (``eplb._C``, built with the CUDA kernels) that
 copies, chunk by chunk over every SM, one copy after another in the order given. Either end
 of a copy may be memory of a peer GPU mapped into this one (``eplb.move_peer``).
+
+A :class:`Gate` lets a launch be queued before anyone knows whether it may copy: the kernel
+checks, on the device, a table that work queued before it makes (a move's agreement, an
+all-reduce of every rank's row) and copies only if every rank agreed -- and the host can still
+close the gate if it gives up waiting, with an atomic answer of whether the copies had begun.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 
 from eplb import _C
 
-__all__ = ["LOCAL", "PUSH", "available", "copy_rows"]
+__all__ = ["LOCAL", "PUSH", "Gate", "available", "copy_rows", "own_stream"]
 
 # Launch shapes (blocks per SM, bytes a block copies before taking its next chunk). The blocks
 # work on neighbouring chunks, so the shape sets how many copies run at once. Measured on
@@ -36,15 +41,85 @@ def available() -> bool:
     return hasattr(_C, "copy_rows_cuda")
 
 
+class Gate:
+    """A condition that the launches of :func:`copy_rows` given it check on the device before
+    copying anything: every row of ``table`` equals row ``rank``, whose first value is 1, and
+    the gate is not closed.
+
+    The first launch that passes claims the gate, and every later launch through it passes too,
+    so copies split over several launches run all or none. :meth:`close` either closes the gate
+    (no launch through it copies, now or later) or finds it claimed.
+
+    Attributes:
+        table: int64 ``[ranks, cols]`` on the CUDA device of the launches, written by work
+            that the launches follow (an all-reduce of every rank's row: each rank writes its
+            own row, zeros elsewhere).
+        rank: the row that every row must equal.
+        state: int32 ``[2]``: open (0), claimed (1) or closed (2); then :meth:`close`'s answer.
+    """
+
+    def __init__(self, table: torch.Tensor, rank: int) -> None:
+        if not isinstance(table, torch.Tensor) or table.dtype != torch.int64:
+            raise TypeError(f"a gate's table must be an int64 tensor, got {table!r}")
+        if table.device.type != "cuda" or table.dim() != 2 or not table.is_contiguous():
+            raise ValueError(
+                f"a gate's table must be a contiguous CUDA tensor [ranks, cols], got shape "
+                f"{tuple(table.shape)} on {table.device}"
+            )
+        if not table.numel() or not 0 <= rank < table.shape[0]:
+            raise ValueError(f"rank {rank} is not a row of the gate's {tuple(table.shape)} table")
+        if not available():
+            raise RuntimeError("eplb._C was built without CUDA: no gated copies (LPLB_CUDA=1)")
+        # CUDA loads a kernel at its first use, waiting for the work running on the device:
+        # close() must not be that first use (own_stream() loads them earlier, at a quiet time).
+        _C.load_gate_kernels_cuda(table.device.index)
+        self.table, self.rank = table, rank
+        self.state = torch.zeros(2, dtype=torch.int32, device=table.device)
+
+    def launch_args(self) -> tuple[int, int, int, int, int]:
+        """(table address, rows, cols, rank, state address): the gate as ``eplb._C`` takes it."""
+        rows, cols = self.table.shape
+        return self.table.data_ptr(), rows, cols, self.rank, self.state.data_ptr()
+
+    def close(self) -> bool:
+        """Close the gate unless a launch through it already passed.
+
+        Runs on a new stream that waits for no other, so that nothing queued before the
+        launches -- say, an all-reduce that never completes -- holds it up, and blocks until
+        the device answers.
+
+        Returns:
+            True if the gate is closed (nothing through it copies, now or later); False if a
+            launch claimed it first (its copies run to completion).
+        """
+        return _C.close_gate_cuda(self.table.device.index, self.state.data_ptr()) != 1
+
+
+def own_stream(device: torch.device) -> torch.cuda.ExternalStream:
+    """A new stream of ``device`` that no one else uses and that waits for no other stream
+    unless told to (torch's ``Stream()`` hands out pooled streams, which other code may share:
+    work that waits behind an all-reduce that never completes would hold theirs up too).
+
+    Also loads the kernels of :class:`Gate` on ``device``: CUDA loads a kernel when first used,
+    and loading waits for the work running on the device, so make the stream where that work
+    is short (not while a move's pushes run)."""
+    if not available():
+        raise RuntimeError("eplb._C was built without CUDA: no streams of its own (LPLB_CUDA=1)")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.ExternalStream(_C.new_stream_cuda(index), device=torch.device("cuda", index))
+
+
 def copy_rows(
     device: torch.device,
     src: Sequence[int],
     dst: Sequence[int],
     nbytes: Sequence[int],
     shape: tuple[int, int] = LOCAL,
+    gate: Gate | None = None,
 ) -> None:
     """Queue the copies ``src[i] -> dst[i]`` of ``nbytes[i]`` bytes each on ``device``'s current
-    stream (one launch per 64 copies).
+    stream (one launch per 64 copies), through ``gate`` if given: then nothing is copied unless
+    it passes (:class:`Gate`).
 
     Args:
         device: the CUDA device that runs the copies.
@@ -56,12 +131,16 @@ def copy_rows(
 
     Raises:
         RuntimeError: this build has no CUDA kernels, or CUDA failed to launch.
-        ValueError: lengths differ, a size is negative, or an address is null.
+        ValueError: lengths differ, a size is negative, an address is null, or the gate is on
+            another device.
     """
     if not available():
         raise RuntimeError("eplb._C was built without CUDA: no row-copy kernel (LPLB_CUDA=1)")
     index = device.index if device.index is not None else torch.cuda.current_device()
-    _C.copy_rows_cuda(index, src, dst, nbytes, *shape, current_stream(index))
+    if gate is not None and gate.table.device.index != index:
+        raise ValueError(f"the gate's table is on {gate.table.device}, the copies on cuda:{index}")
+    gated = gate.launch_args() if gate is not None else ()
+    _C.copy_rows_cuda(index, src, dst, nbytes, *shape, current_stream(index), *gated)
 
 
 def current_stream(index: int) -> int:

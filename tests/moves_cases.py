@@ -310,15 +310,18 @@ def _shifted(world: int, slots: int) -> tuple[list[int], list[int]]:
     return list(range(total)), [(p + slots) % total for p in range(total)]
 
 
-def _inject(scenario: str) -> Callable[[str, dict], None]:
+def _inject(scenario: str, late_by: float) -> Callable[[str, dict], None]:
     """The fault of ``scenario``: rank 1 raises before posting its transfers ("raise"), or
-    rank 0 skips its first send ("skip"; "async": only for layer 1)."""
+    sleeps ``late_by`` seconds first ("slow"), or rank 0 skips its first send ("skip";
+    "async": only for layer 1)."""
 
     scenario = scenario.removesuffix("_warm")
 
     def hook(event: str, info: dict) -> None:
         if scenario == "raise" and info["rank"] == 1:
             raise RuntimeError("injected failure before posting the sends")
+        if scenario == "slow" and info["rank"] == 1:
+            time.sleep(late_by)
         skip = scenario == "skip" or (scenario == "async" and info["layer"] == 1)
         if skip and info["rank"] == 0:
             first_send = next(i for i, op in enumerate(info["ops"]) if _is_send(op))
@@ -343,7 +346,9 @@ def check_faults(
     layout than the others' (move_experts / ExpertMover); "bad": rank 1 passes a placement
     with an expert that no slot holds (it raises ``ValueError``). A "_warm" suffix first makes
     a good move on the group, so that the faulty one finds peer staging ready and (on NCCL)
-    pushes ahead of the check's answer."""
+    pushes ahead of the check's answer. "slow" (GPUs): rank 1 arrives after the others' timeout;
+    the others drain their devices -- which ends when rank 1's exchange reaches them and lets
+    any commit queued behind it run -- before their weights are compared."""
     from eplb import ExpertMoveError, ExpertMover, move_exec, move_experts
 
     slots, layers = 3, 3
@@ -358,7 +363,7 @@ def check_faults(
         if scenario.endswith("_warm"):
             warm = rank_weights(old, rank, slots, 0, KINDS, device)
             move_experts(warm, torch.tensor(old), torch.tensor(new), timeout=timeout, **transport)
-        move_exec._FAULT_HOOK = _inject(scenario)
+        move_exec._FAULT_HOOK = _inject(scenario, late_by=timeout + 2.0)
         kinds = OTHER_KINDS if scenario.startswith("layout") and rank == 1 else KINDS
         weights = [rank_weights(old, rank, slots, i, kinds, device) for i in range(layers)]
         target = list(new)
@@ -381,10 +386,13 @@ def check_faults(
                     timeout=timeout,
                     **transport,
                 )
+                committed = [0]
         except (ExpertMoveError, ValueError) as err:
             raised = repr(err)
         seconds = time.monotonic() - begin
         move_exec._FAULT_HOOK = None
+        if scenario.startswith("slow"):
+            torch.cuda.synchronize()
         # After an error the mover is done: no step is pending, a new start() is allowed.
         done = mover is None or (mover.done and mover.step() == [])
         intact = all(

@@ -32,7 +32,7 @@ SEEDS = [5, 17, 23, 31, 40, 52]  # the six option sets of moves_cases._sync_move
 SCENARIOS = ["raise", "skip", "async", "layout", "layout_async"]
 # After a good move the staging is ready: the faulty move pushes ahead of the check's answer
 # (rank 1's other layout needs more staging: it waits for the answer while the others push).
-SCENARIOS += ["raise_warm", "skip_warm", "layout_warm", "bad_warm"]
+SCENARIOS += ["raise_warm", "skip_warm", "layout_warm", "bad_warm", "slow_warm"]
 FAULT_TIMEOUT = 5.0
 SLOTS = 6
 # moves_cases.BIG_KINDS: bf16 [64, 256] and float32 [7] per expert
@@ -102,11 +102,18 @@ def test_peer_staging_faults_raise_everywhere_and_leave_weights_intact(tmp_path:
     for scenario in SCENARIOS:
         for rank, rec in enumerate(records):
             got = rec[scenario]
+            assert got["intact"], f"{scenario}, rank {rank}: uncommitted weights changed"
+            assert got["seconds"] < 3 * FAULT_TIMEOUT + 10, (scenario, rank, got["seconds"])
+            if scenario == "slow_warm" and rank == 1:
+                # It arrives after the others gave up, finds every row agreeing and commits;
+                # the others closed their gated commits before the agreement reached them.
+                assert got["raised"] is None and got["committed"] == [0], got
+                continue
             error = "ValueError" if scenario.startswith("bad") and rank == 1 else "ExpertMoveError"
             assert got["raised"] is not None and got["raised"].startswith(error), (rank, got)
-            assert got["intact"], f"{scenario}, rank {rank}: uncommitted weights changed"
             assert got["done"], f"{scenario}, rank {rank}: the mover is not done after the error"
-            assert got["seconds"] < 3 * FAULT_TIMEOUT + 10, (scenario, rank, got["seconds"])
+        if scenario == "slow_warm":
+            continue
         committed = [rec[scenario]["committed"] for rec in records]
         assert all(c == committed[0] for c in committed), (scenario, committed)
         assert set(committed[0]) <= {0}, (scenario, committed)

@@ -188,12 +188,33 @@ PYBIND11_MODULE(_C, m) {
       "copy_rows_cuda",
       [](int device, const std::vector<std::uintptr_t>& src, const std::vector<std::uintptr_t>& dst,
          const std::vector<std::int64_t>& bytes, int blocks_per_sm, std::int64_t chunk_bytes,
-         std::uintptr_t stream) {
-        eplb::copy_rows(device, src, dst, bytes, blocks_per_sm, chunk_bytes, stream);
+         std::uintptr_t stream, std::uintptr_t gate_table, int gate_rows, int gate_cols,
+         int gate_rank, std::uintptr_t gate_state) {
+        eplb::CopyGate gate;
+        gate.table = common::address<const long long>(gate_table);
+        gate.state = common::address<int>(gate_state);
+        gate.rows = gate_rows;
+        gate.cols = gate_cols;
+        gate.rank = gate_rank;
+        eplb::copy_rows(device, src, dst, bytes, blocks_per_sm, chunk_bytes, stream, gate);
       },
       "Queue the byte copies src[i] -> dst[i] (device addresses, bytes[i] each) on a CUDA stream "
-      "in one launch per 64 copies (eplb/row_copy.py).",
+      "in one launch per 64 copies; with gate_table (int64 [gate_rows, gate_cols]) only if the "
+      "gate passes (eplb/row_copy.py).",
       py::arg("device"), py::arg("src"), py::arg("dst"), py::arg("bytes"), py::arg("blocks_per_sm"),
-      py::arg("chunk_bytes"), py::arg("stream"));
+      py::arg("chunk_bytes"), py::arg("stream"), py::arg("gate_table") = 0,
+      py::arg("gate_rows") = 0, py::arg("gate_cols") = 0, py::arg("gate_rank") = 0,
+      py::arg("gate_state") = 0);
+  m.def("close_gate_cuda", &eplb::close_gate,
+        "Close a row-copy gate (state: int32 [2] on the device) unless a launch claimed it; "
+        "returns the state it found, 1 if claimed (eplb/row_copy.py).",
+        py::arg("device"), py::arg("state"), py::call_guard<py::gil_scoped_release>());
+  m.def("new_stream_cuda", &eplb::new_stream,
+        "A new non-blocking CUDA stream of a device, used by nothing else (its handle); loads "
+        "the gate's kernels on the device.",
+        py::arg("device"));
+  m.def("load_gate_kernels_cuda", &eplb::load_gate_kernels,
+        "Load the kernels of gated row copies on a device now (once per device).",
+        py::arg("device"));
 #endif
 }

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <set>
 
 #include "common/cuda_checks.h"
 #include "common/pointers.h"
@@ -19,6 +21,7 @@ constexpr int kThreads = 512;
 constexpr int kUnroll = 4;  // vectors in flight per thread: loads of peer memory take long
 
 struct CopyBatch {
+  CopyGate gate;  // gate.table == nullptr: no gate
   const unsigned char* src[kMaxCopies];
   unsigned char* dst[kMaxCopies];
   long long bytes[kMaxCopies];
@@ -47,11 +50,28 @@ __device__ __forceinline__ void copy_span(const unsigned char* src, unsigned cha
   for (; i < count; i += kThreads) d[i] = s[i];
 }
 
+// Whether a launch through `gate` may copy (row_copy.h): the table agrees, and the gate is
+// claimed now or was before -- not closed. Every block asks; the first claim decides for all.
+__device__ bool gate_passes(const CopyGate& gate) {
+  const long long* mine = gate.table + static_cast<long long>(gate.rank) * gate.cols;
+  if (mine[0] != 1) return false;
+  for (long long i = 0; i < static_cast<long long>(gate.rows) * gate.cols; ++i) {
+    if (gate.table[i] != mine[i % gate.cols]) return false;
+  }
+  return atomicCAS(gate.state, kGateOpen, kGateClaimed) != kGateClosed;
+}
+
 // Block b copies chunks b, b + gridDim.x, ... of the concatenated copies, so that at any time
 // the blocks work on neighbouring chunks: copies go one after another, as the caller ordered
 // them, each spread over every SM.
 __global__ void __launch_bounds__(kThreads)
     copy_rows_kernel(const __grid_constant__ CopyBatch batch) {
+  if (batch.gate.table != nullptr) {
+    __shared__ bool pass;
+    if (threadIdx.x == 0) pass = gate_passes(batch.gate);
+    __syncthreads();
+    if (!pass) return;
+  }
   const long long total = batch.first_chunk[batch.count];
   int k = 0;
   for (long long chunk = blockIdx.x; chunk < total; chunk += gridDim.x) {
@@ -72,6 +92,10 @@ __global__ void __launch_bounds__(kThreads)
       copy_span<unsigned char>(s, d, n);
     }
   }
+}
+
+__global__ void close_gate_kernel(int* state) {
+  state[1] = atomicCAS(state, kGateOpen, kGateClosed);
 }
 
 // Makes `device` current for its lifetime, then restores the previous one.
@@ -105,9 +129,16 @@ void launch(CopyBatch& batch, int blocks, cudaStream_t stream) {
 
 void copy_rows(int device, const std::vector<std::uintptr_t>& src,
                const std::vector<std::uintptr_t>& dst, const std::vector<std::int64_t>& bytes,
-               int blocks_per_sm, std::int64_t chunk_bytes, std::uintptr_t stream) {
+               int blocks_per_sm, std::int64_t chunk_bytes, std::uintptr_t stream,
+               const CopyGate& gate) {
   common::require(src.size() == dst.size() && src.size() == bytes.size(),
                   "copy_rows: src, dst and bytes must have the same length");
+  if (gate.table != nullptr) {
+    common::require(gate.state != nullptr, "copy_rows: a gate needs its state");
+    common::require(gate.rows > 0 && gate.cols > 0, "copy_rows: the gate's table is empty");
+    common::require(0 <= gate.rank && gate.rank < gate.rows,
+                    "copy_rows: the gate's rank is not a row of its table");
+  }
   common::require(chunk_bytes > 0 && chunk_bytes % 16 == 0,
                   "copy_rows: chunk_bytes must be a positive multiple of 16");
   common::require(blocks_per_sm > 0, "copy_rows: blocks_per_sm must be positive");
@@ -123,6 +154,7 @@ void copy_rows(int device, const std::vector<std::uintptr_t>& src,
   const int blocks = std::max(1, sms * blocks_per_sm);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   CopyBatch batch{};
+  batch.gate = gate;
   batch.chunk_bytes = chunk_bytes;
   for (std::size_t i = 0; i < src.size(); ++i) {
     if (bytes[i] == 0) continue;
@@ -134,6 +166,46 @@ void copy_rows(int device, const std::vector<std::uintptr_t>& src,
     if (++batch.count == kMaxCopies) launch(batch, blocks, cuda_stream);
   }
   launch(batch, blocks, cuda_stream);
+}
+
+void load_gate_kernels(int device) {
+  static std::mutex mutex;
+  static std::set<int> loaded;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (loaded.count(device)) return;
+  const DeviceGuard guard(device);
+  cudaFuncAttributes attributes{};
+  check_cuda(cudaFuncGetAttributes(&attributes, copy_rows_kernel), "cudaFuncGetAttributes");
+  check_cuda(cudaFuncGetAttributes(&attributes, close_gate_kernel), "cudaFuncGetAttributes");
+  loaded.insert(device);
+}
+
+std::uintptr_t new_stream(int device) {
+  load_gate_kernels(device);
+  const DeviceGuard guard(device);
+  cudaStream_t stream = nullptr;
+  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  return reinterpret_cast<std::uintptr_t>(stream);
+}
+
+int close_gate(int device, std::uintptr_t state) {
+  common::require(state != 0, "close_gate: null state");
+  const DeviceGuard guard(device);
+  // A stream of its own, made now: any stream that existed may be queued behind the gated
+  // launches (torch hands out pooled streams to many users), and the answer must not wait.
+  cudaStream_t stream = nullptr;
+  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  int* device_state = common::address<int>(state);
+  int answer = -1;
+  close_gate_kernel<<<1, 1, 0, stream>>>(device_state);
+  cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) {
+    err = cudaMemcpyAsync(&answer, device_state + 1, sizeof(int), cudaMemcpyDeviceToHost, stream);
+  }
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  cudaStreamDestroy(stream);
+  check_cuda(err, "close_gate");
+  return answer;
 }
 
 }  // namespace eplb
