@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime
 import functools
 import math
+import os
 import time
 import weakref
 import zlib
@@ -1083,12 +1084,7 @@ def _move_ahead(
     row = [int(failure is None), fingerprint, 1, peer.moves % peer.regions]
     exchanged = Exchange(control, row)  # on the device: after the pushes
     gate = None
-    if (
-        failure is None
-        and move.kernel
-        and exchanged.work is not None
-        and peer.commit_stream is not None
-    ):
+    if failure is None and move.kernel and exchanged.work is not None and not nccl_blocking_wait():
         gate = _gated_commit(move, peer, exchanged)
     try:
         table = exchanged.result(seconds)
@@ -1103,6 +1099,15 @@ def _move_ahead(
         _fail(move, peer, why, failure, gate)
     timer.lap("agree")
     return _commit(move, peer, timer, timer.start, gated=gate is not None)
+
+
+def nccl_blocking_wait() -> bool:
+    """Whether torch's NCCL ``wait()`` blocks the host (``TORCH_NCCL_BLOCKING_WAIT``, or its old
+    name ``NCCL_BLOCKING_WAIT``): then a gated commit, which makes its stream wait for the
+    exchange, would block the host until the exchange completes -- or until the group's own
+    timeout, not the move's -- so the move commits after the answer instead."""
+    value = os.environ.get("TORCH_NCCL_BLOCKING_WAIT", os.environ.get("NCCL_BLOCKING_WAIT", ""))
+    return value.strip().lower() in ("1", "true", "y", "yes")
 
 
 def _gated_commit(move: LayerMove, peer: PeerStaging, exchanged: Exchange) -> Gate:

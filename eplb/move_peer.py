@@ -19,13 +19,14 @@ moves, since making one takes a rendezvous of the whole group. ``release_staging
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from eplb.row_copy import PUSH, copy_rows, own_stream
+from eplb.row_copy import PUSH, copy_rows, own_stream, prepare_gates
 from eplb.row_copy import available as row_kernel_available
 
 __all__ = [
@@ -69,10 +70,6 @@ class PeerStaging:
         local: uint8 ``[capacity]``, this rank's buffer (peers write into it).
         ready: CUDA event recorded after the last commit that read ``local``.
         streams: the streams that copy-engine pushes are spread over.
-        commit_stream: where a move that pushes ahead queues its gated commit
-            (``eplb.move_exec``): a stream of the pool's own, since it may wait forever behind
-            an agreement that never comes; made by the first :meth:`reserve` where ``eplb._C``
-            has the row-copy kernel, else None.
     """
 
     def __init__(
@@ -90,7 +87,13 @@ class PeerStaging:
         self._remote: list[torch.Tensor] = []
         self._addresses: list[int] = []  # of the _remote buffers
         self.streams = [torch.cuda.Stream(device) for _ in range(streams)]
-        self.commit_stream: torch.cuda.ExternalStream | None = None
+
+    @functools.cached_property
+    def commit_stream(self) -> torch.cuda.ExternalStream:
+        """Where a move that pushes ahead queues its gated commit (``eplb.move_exec``): a stream
+        of the pool's own, made at the first such move, since it may wait forever behind an
+        agreement that never comes (the gate's kernels were loaded by :meth:`reserve`)."""
+        return own_stream(self.device)
 
     @property
     def region(self) -> int:
@@ -116,10 +119,9 @@ class PeerStaging:
         ]
         self._addresses = [buf.data_ptr() for buf in self._remote]
         self.local, self._handle, self.capacity, self.region_bytes = local, handle, total, nbytes
-        if self.commit_stream is None and row_kernel_available():
-            # Made in a move that pushes nothing yet: making it loads kernels, which waits
-            # for the work running on the device.
-            self.commit_stream = own_stream(self.device)
+        if row_kernel_available():
+            # In a move that pushes nothing yet: loading kernels waits for the device's work.
+            prepare_gates(self.device)
 
     def _check_write(self, rank: int, offset: int, nbytes: int) -> None:
         if not 0 <= rank < len(self._remote) or offset < 0 or offset + nbytes > self.capacity:

@@ -22,7 +22,7 @@ import torch
 
 from eplb import _C
 
-__all__ = ["LOCAL", "PUSH", "Gate", "available", "copy_rows", "own_stream"]
+__all__ = ["LOCAL", "PUSH", "Gate", "available", "copy_rows", "own_stream", "prepare_gates"]
 
 # Launch shapes (blocks per SM, bytes a block copies before taking its next chunk). The blocks
 # work on neighbouring chunks, so the shape sets how many copies run at once. Measured on
@@ -68,11 +68,7 @@ class Gate:
             )
         if not table.numel() or not 0 <= rank < table.shape[0]:
             raise ValueError(f"rank {rank} is not a row of the gate's {tuple(table.shape)} table")
-        if not available():
-            raise RuntimeError("eplb._C was built without CUDA: no gated copies (LPLB_CUDA=1)")
-        # CUDA loads a kernel at its first use, waiting for the work running on the device:
-        # close() must not be that first use (own_stream() loads them earlier, at a quiet time).
-        _C.load_gate_kernels_cuda(table.device.index)
+        prepare_gates(table.device)  # if not done earlier, at a quieter time
         self.table, self.rank = table, rank
         self.state = torch.zeros(2, dtype=torch.int32, device=table.device)
 
@@ -95,14 +91,22 @@ class Gate:
         return _C.close_gate_cuda(self.table.device.index, self.state.data_ptr()) != 1
 
 
+def prepare_gates(device: torch.device) -> None:
+    """Load the kernels of :class:`Gate` on ``device`` now (once per device; later calls cost
+    nothing). CUDA loads a kernel when it is first used, and loading waits for the work running
+    on the device: :meth:`Gate.close`, called while an all-reduce may never complete, must not
+    be that first use. Call it where the device's work is short (``PeerStaging.reserve``)."""
+    if not available():
+        raise RuntimeError("eplb._C was built without CUDA: no gated copies (LPLB_CUDA=1)")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    _C.load_gate_kernels_cuda(index)
+
+
 def own_stream(device: torch.device) -> torch.cuda.ExternalStream:
     """A new stream of ``device`` that no one else uses and that waits for no other stream
     unless told to (torch's ``Stream()`` hands out pooled streams, which other code may share:
-    work that waits behind an all-reduce that never completes would hold theirs up too).
-
-    Also loads the kernels of :class:`Gate` on ``device``: CUDA loads a kernel when first used,
-    and loading waits for the work running on the device, so make the stream where that work
-    is short (not while a move's pushes run)."""
+    work that waits behind an all-reduce that never completes would hold theirs up too). It is
+    never destroyed: make one per long-lived user. Also :func:`prepare_gates`."""
     if not available():
         raise RuntimeError("eplb._C was built without CUDA: no streams of its own (LPLB_CUDA=1)")
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -90,3 +90,25 @@ def test_a_push_left_out_fails_its_sender() -> None:
             sender.post()
     finally:
         move_exec._FAULT_HOOK = None
+
+
+@pytest.mark.parametrize(
+    ("env", "blocking"),
+    [
+        ({}, False),
+        ({"TORCH_NCCL_BLOCKING_WAIT": "1"}, True),
+        ({"NCCL_BLOCKING_WAIT": "true"}, True),  # the old name
+        ({"TORCH_NCCL_BLOCKING_WAIT": "0", "NCCL_BLOCKING_WAIT": "1"}, False),  # new name wins
+        ({"TORCH_NCCL_BLOCKING_WAIT": " Yes "}, True),
+    ],
+)
+def test_gated_commits_step_aside_when_nccl_waits_block_the_host(
+    monkeypatch: pytest.MonkeyPatch, env: dict, blocking: bool
+) -> None:
+    """A gated commit makes its stream wait for the exchange: under a blocking NCCL wait that
+    would block the host past the move's timeout, so the move then commits after the answer."""
+    for name in ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert move_exec.nccl_blocking_wait() is blocking
