@@ -104,7 +104,8 @@ class MoveStats:
         bytes_received: bytes this rank received.
         bytes_copied: bytes copied between slots of this rank (no network).
         seconds: host wall time from the call (or ``start()``) to the last commit being issued;
-            on a GPU the commit copies are queued on the current stream, not waited for.
+            on a GPU the commit copies are queued on the current stream (or the current stream
+            waits for a gated commit), not waited for.
         layers: the layers moved (committed).
         phases: seconds per phase. ``move_experts``: "check" (with saving overwritten copy
             sources and packing the rows to send), "stage" (taking the staging rows), "post"
