@@ -70,6 +70,8 @@ class PeerStaging:
         local: uint8 ``[capacity]``, this rank's buffer (peers write into it).
         ready: CUDA event recorded after the last commit that read ``local``.
         streams: the streams that copy-engine pushes are spread over.
+        gated: whether moves through the pool queue gated commits (``move_experts``' pools):
+            then :meth:`reserve` loads the gate's kernels.
     """
 
     def __init__(
@@ -78,8 +80,9 @@ class PeerStaging:
         device: torch.device,
         streams: int = PUSH_STREAMS,
         regions: int = 1,
+        gated: bool = False,
     ) -> None:
-        self.group, self.device, self.regions = group, device, regions
+        self.group, self.device, self.regions, self.gated = group, device, regions, gated
         self.capacity = self.region_bytes = self.moves = 0
         self.local = torch.empty(0, dtype=torch.uint8, device=device)
         self.ready: torch.cuda.Event | None = None
@@ -119,7 +122,7 @@ class PeerStaging:
         ]
         self._addresses = [buf.data_ptr() for buf in self._remote]
         self.local, self._handle, self.capacity, self.region_bytes = local, handle, total, nbytes
-        if row_kernel_available():
+        if self.gated and row_kernel_available():
             # In a move that pushes nothing yet: loading kernels waits for the device's work.
             prepare_gates(self.device)
 
@@ -240,7 +243,7 @@ def peer_staging(
         return PeerStaging(pg, device, streams), ""
     key = (id(pg), device.index if device.index is not None else torch.cuda.current_device())
     if key not in _POOLS:
-        _POOLS[key] = PeerStaging(pg, device, regions=2)
+        _POOLS[key] = PeerStaging(pg, device, regions=2, gated=True)
     return _POOLS[key], ""
 
 

@@ -66,6 +66,8 @@ class Gate:
                 f"a gate's table must be a contiguous CUDA tensor [ranks, cols], got shape "
                 f"{tuple(table.shape)} on {table.device}"
             )
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise TypeError(f"a gate's rank must be an int, got {rank!r}")
         if not table.numel() or not 0 <= rank < table.shape[0]:
             raise ValueError(f"rank {rank} is not a row of the gate's {tuple(table.shape)} table")
         prepare_gates(table.device)  # if not done earlier, at a quieter time
@@ -135,12 +137,15 @@ def copy_rows(
 
     Raises:
         RuntimeError: this build has no CUDA kernels, or CUDA failed to launch.
+        TypeError: ``gate`` is not a :class:`Gate`.
         ValueError: lengths differ, a size is negative, an address is null, or the gate is on
             another device.
     """
     if not available():
         raise RuntimeError("eplb._C was built without CUDA: no row-copy kernel (LPLB_CUDA=1)")
     index = device.index if device.index is not None else torch.cuda.current_device()
+    if gate is not None and not isinstance(gate, Gate):
+        raise TypeError(f"gate must be an eplb.row_copy.Gate or None, got {type(gate).__name__}")
     if gate is not None and gate.table.device.index != index:
         raise ValueError(f"the gate's table is on {gate.table.device}, the copies on cuda:{index}")
     gated = gate.launch_args() if gate is not None else ()

@@ -72,6 +72,21 @@ def test_bad_gate_tables_are_refused(table, rank, error) -> None:
         row_copy.Gate(table, rank)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("rank", "error"), [(2, ValueError), (-1, ValueError), (True, TypeError), (0.0, TypeError)]
+)
+def test_bad_gate_ranks_are_refused(rank, error) -> None:
+    with pytest.raises(error, match="rank"):
+        row_copy.Gate(torch.ones(2, 3, dtype=torch.int64, device="cuda"), rank)
+
+
+@needs_kernel
+def test_copy_rows_takes_only_a_gate_as_gate() -> None:
+    with pytest.raises(TypeError, match="Gate"):
+        row_copy.copy_rows(torch.device("cuda", 0), [1], [2], [16], gate=object())
+
+
 def test_without_the_kernel_copy_rows_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(row_copy, "available", lambda: False)
     with pytest.raises(RuntimeError, match="without CUDA"):
