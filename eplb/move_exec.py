@@ -444,9 +444,14 @@ def peer_for(
     return pool
 
 
+def slot_bytes(weight: torch.Tensor) -> int:
+    """Bytes of one slot of one weight kind (a tensor ``[S, ...]``)."""
+    return math.prod(weight.shape[1:]) * weight.element_size()
+
+
 def expert_bytes(weights: Sequence[torch.Tensor]) -> int:
     """Bytes of one slot's row: every weight kind of one expert (``[S, ...]`` tensors)."""
-    return sum(math.prod(w.shape[1:]) * w.element_size() for w in weights)
+    return sum(slot_bytes(w) for w in weights)
 
 
 def byte_rows(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -527,7 +532,7 @@ class LayerMove:
         self.spans = []  # (offset, size) of each weight kind within a row
         offset = 0
         for w in weights:
-            size = math.prod(w.shape[1:]) * w.element_size()
+            size = slot_bytes(w)
             self.spans.append((offset, size))
             offset += size
         self.expert_bytes = offset

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from eplb.row_copy import PUSH, copy_rows, own_stream, prepare_gates
+from eplb.row_copy import PUSH, copy_rows, device_index, own_stream, prepare_gates
 from eplb.row_copy import available as row_kernel_available
 
 __all__ = [
@@ -205,6 +205,11 @@ class PeerStaging:
             torch.cuda.current_stream(self.device).wait_event(self.ready)
 
 
+def _group_or_world(group: object) -> object:
+    """``group``, or the default group for None."""
+    return group if group is not None else dist.group.WORLD
+
+
 def _why_not(group: object, device: torch.device, size: int) -> str:
     """Why ``group`` cannot stage through peer memory ("" if it can). Collective: every rank
     gathers the hosts of all ranks."""
@@ -233,7 +238,7 @@ def peer_staging(
     group (every rank of the group must call it at the same point): the ranks gather their host
     names, and peer staging is used only when they are all on one host.
     """
-    pg = group if group is not None else dist.group.WORLD
+    pg = _group_or_world(group)
     if id(pg) not in _REASONS:
         _REASONS[id(pg)] = (pg, _why_not(pg, device, size))
     why = _REASONS[id(pg)][1]
@@ -241,7 +246,7 @@ def peer_staging(
         return None, why
     if not shared:
         return PeerStaging(pg, device, streams), ""
-    key = (id(pg), device.index if device.index is not None else torch.cuda.current_device())
+    key = (id(pg), device_index(device))
     if key not in _POOLS:
         _POOLS[key] = PeerStaging(pg, device, regions=2, gated=True)
     return _POOLS[key], ""
@@ -251,9 +256,7 @@ def ready_staging(group: object, device: torch.device, nbytes: int) -> PeerStagi
     """The pool that ``move_experts`` keeps for ``group`` on ``device`` if it exists and each of
     its regions holds ``nbytes``, else None. Not collective (unlike :func:`peer_staging`):
     every rank of a group that made the same moves gets the same answer."""
-    pg = group if group is not None else dist.group.WORLD
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    pool = _POOLS.get((id(pg), index))
+    pool = _POOLS.get((id(_group_or_world(group)), device_index(device)))
     return pool if pool is not None and pool.region_bytes >= nbytes else None
 
 
@@ -276,7 +279,7 @@ def drop_staging(pool: PeerStaging | None) -> None:
 def drop_group_staging(group: object) -> None:
     """:func:`drop_staging` for every pool of ``group`` (by a rank that does not know which
     device its pool is on, e.g. after its own arguments were refused)."""
-    pg = group if group is not None else dist.group.WORLD
+    pg = _group_or_world(group)
     for key, pool in list(_POOLS.items()):
         if key[0] == id(pg):
             drop_staging(pool)

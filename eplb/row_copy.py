@@ -22,7 +22,16 @@ import torch
 
 from eplb import _C
 
-__all__ = ["LOCAL", "PUSH", "Gate", "available", "copy_rows", "own_stream", "prepare_gates"]
+__all__ = [
+    "LOCAL",
+    "PUSH",
+    "Gate",
+    "available",
+    "copy_rows",
+    "device_index",
+    "own_stream",
+    "prepare_gates",
+]
 
 # Launch shapes (blocks per SM, bytes a block copies before taking its next chunk). The blocks
 # work on neighbouring chunks, so the shape sets how many copies run at once. Measured on
@@ -39,6 +48,21 @@ LOCAL = (1, 64 << 10)
 def available() -> bool:
     """Whether ``eplb._C`` was built with the row-copy kernel (a CUDA build)."""
     return hasattr(_C, "copy_rows_cuda")
+
+
+def device_index(device: torch.device) -> int:
+    """The index of CUDA ``device`` (the current device where it names none)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _kernel_index(device: torch.device) -> int:
+    """:func:`device_index`, once sure that ``eplb._C`` has the kernels (else RuntimeError)."""
+    if not available():
+        raise RuntimeError(
+            "eplb._C was built without CUDA: no row copies, gates or streams of its own "
+            "(build with LPLB_CUDA=1)"
+        )
+    return device_index(device)
 
 
 class Gate:
@@ -98,10 +122,7 @@ def prepare_gates(device: torch.device) -> None:
     nothing). CUDA loads a kernel when it is first used, and loading waits for the work running
     on the device: :meth:`Gate.close`, called while an all-reduce may never complete, must not
     be that first use. Call it where the device's work is short (``PeerStaging.reserve``)."""
-    if not available():
-        raise RuntimeError("eplb._C was built without CUDA: no gated copies (LPLB_CUDA=1)")
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    _C.load_gate_kernels_cuda(index)
+    _C.load_gate_kernels_cuda(_kernel_index(device))
 
 
 def own_stream(device: torch.device) -> torch.cuda.ExternalStream:
@@ -109,9 +130,7 @@ def own_stream(device: torch.device) -> torch.cuda.ExternalStream:
     unless told to (torch's ``Stream()`` hands out pooled streams, which other code may share:
     work that waits behind an all-reduce that never completes would hold theirs up too). It is
     never destroyed: make one per long-lived user. Also :func:`prepare_gates`."""
-    if not available():
-        raise RuntimeError("eplb._C was built without CUDA: no streams of its own (LPLB_CUDA=1)")
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _kernel_index(device)
     return torch.cuda.ExternalStream(_C.new_stream_cuda(index), device=torch.device("cuda", index))
 
 
@@ -141,9 +160,7 @@ def copy_rows(
         ValueError: lengths differ, a size is negative, an address is null, or the gate is on
             another device.
     """
-    if not available():
-        raise RuntimeError("eplb._C was built without CUDA: no row-copy kernel (LPLB_CUDA=1)")
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _kernel_index(device)
     if gate is not None and not isinstance(gate, Gate):
         raise TypeError(f"gate must be an eplb.row_copy.Gate or None, got {type(gate).__name__}")
     if gate is not None and gate.table.device.index != index:

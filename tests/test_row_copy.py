@@ -109,28 +109,34 @@ def _random_copies(rng: random.Random, size: int, count: int, most: int) -> list
     return out
 
 
+def _copy_case(count: int, seed: int, size: int = 4 << 20, most: int = 256 << 10) -> tuple:
+    """(source, destination, its expected content after the copies, the copies' arguments
+    ``(src, dst, nbytes)``): ``count`` random copies of at most ``most`` bytes within ``size``
+    bytes on GPU 0 (more than one launch's 64 when count > 64), done by torch one by one for
+    the expected content."""
+    device = torch.device("cuda", 0)
+    src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
+    out = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
+    want = out.clone()
+    copies = _random_copies(random.Random(seed), size, count, most)
+    for s, d, n in copies:
+        want[d : d + n].copy_(src[s : s + n])
+    args = (
+        [src.data_ptr() + s for s, _, _ in copies],
+        [out.data_ptr() + d for _, d, _ in copies],
+        [n for _, _, n in copies],
+    )
+    return src, out, want, args
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1, 16), (3, 4096), row_copy.LOCAL, row_copy.PUSH])
 @pytest.mark.parametrize("count", [1, 64, 150])
 def test_copies_match_torch(shape: tuple[int, int], count: int) -> None:
     """Random copies from one buffer into another, more than one launch's 64 when count is
     150, against the same copies done by torch one by one."""
-    device = torch.device("cuda", 0)
-    rng = random.Random(shape[1] * 1000 + count)
-    size = 8 << 20
-    src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
-    out = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
-    want = out.clone()
-    copies = _random_copies(rng, size, count, 2 << 20)
-    for s, d, n in copies:
-        want[d : d + n].copy_(src[s : s + n])
-    row_copy.copy_rows(
-        device,
-        [src.data_ptr() + s for s, _, _ in copies],
-        [out.data_ptr() + d for _, d, _ in copies],
-        [n for _, _, n in copies],
-        shape,
-    )
+    _src, out, want, args = _copy_case(count, shape[1] * 1000 + count, 8 << 20, 2 << 20)
+    row_copy.copy_rows(out.device, *args, shape)
     assert torch.equal(out, want)
 
 
@@ -167,25 +173,6 @@ def test_a_copy_on_another_device_keeps_the_current_device() -> None:
         row_copy.copy_rows(device, [a.data_ptr()], [b.data_ptr()], [4], gate=elsewhere)
 
 
-def _gated_case(count: int, seed: int) -> tuple:
-    """(source, destination, its expected content after the copies, the copies' arguments):
-    ``count`` random copies within 4 MiB (more than one launch's 64 when count > 64)."""
-    device = torch.device("cuda", 0)
-    size = 4 << 20
-    src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
-    out = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
-    want = out.clone()
-    copies = _random_copies(random.Random(seed), size, count, 256 << 10)
-    for s, d, n in copies:
-        want[d : d + n].copy_(src[s : s + n])
-    args = (
-        [src.data_ptr() + s for s, _, _ in copies],
-        [out.data_ptr() + d for _, d, _ in copies],
-        [n for _, _, n in copies],
-    )
-    return src, out, want, args
-
-
 # Tables of a 3-rank agreement as rank 1 sees it: (rows, whether the gate passes).
 _TABLES = {
     "agreed": ([[1, 77, 1, 0]] * 3, True),
@@ -204,7 +191,7 @@ def test_a_gate_copies_all_or_nothing_by_its_table(case: str, count: int) -> Non
     """Every launch (three when count is 150) copies exactly when every row of the table
     equals the gate's own row and says ok; close() then finds the gate claimed, or closes it."""
     rows, passes = _TABLES[case]
-    _src, out, want, args = _gated_case(count, seed=count)
+    _src, out, want, args = _copy_case(count, seed=count)
     before = out.clone()
     gate = row_copy.Gate(torch.tensor(rows, dtype=torch.int64, device=out.device), 1)
     row_copy.copy_rows(out.device, *args, gate=gate)
@@ -219,7 +206,7 @@ def test_a_gate_closed_before_its_table_agrees_never_copies() -> None:
     """The launch waits on its stream behind a long kernel, after which the table agrees;
     close() runs meanwhile on a stream of its own, so it closes the gate and the copies never
     run -- had close() waited for the launch, the launch would have claimed the gate."""
-    _src, out, _want, args = _gated_case(40, seed=3)
+    _src, out, _want, args = _copy_case(40, seed=3)
     before = out.clone()
     table = torch.zeros(2, 3, dtype=torch.int64, device=out.device)
     table[:, 0] = 0  # its kernels loaded now: loading waits for the device's running work
@@ -257,7 +244,7 @@ def test_an_own_stream_waits_for_no_other() -> None:
 
 @pytest.mark.gpu
 def test_a_claimed_gate_lets_later_launches_through() -> None:
-    src, out, want, args = _gated_case(10, seed=4)
+    src, out, want, args = _copy_case(10, seed=4)
     gate = row_copy.Gate(torch.ones(2, 2, dtype=torch.int64, device=out.device), 1)
     row_copy.copy_rows(out.device, *args, gate=gate)
     torch.cuda.synchronize()

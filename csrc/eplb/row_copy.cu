@@ -116,6 +116,13 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
+// A new stream of the current device that waits for no other stream.
+cudaStream_t nonblocking_stream() {
+  cudaStream_t stream = nullptr;
+  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  return stream;
+}
+
 void launch(CopyBatch& batch, int blocks, cudaStream_t stream) {
   if (batch.count == 0) return;
   const long long total = batch.first_chunk[batch.count];
@@ -183,9 +190,7 @@ void load_gate_kernels(int device) {
 std::uintptr_t new_stream(int device) {
   load_gate_kernels(device);
   const DeviceGuard guard(device);
-  cudaStream_t stream = nullptr;
-  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-  return reinterpret_cast<std::uintptr_t>(stream);
+  return reinterpret_cast<std::uintptr_t>(nonblocking_stream());
 }
 
 int close_gate(int device, std::uintptr_t state) {
@@ -193,8 +198,7 @@ int close_gate(int device, std::uintptr_t state) {
   const DeviceGuard guard(device);
   // A stream of its own, made now: any stream that existed may be queued behind the gated
   // launches (torch hands out pooled streams to many users), and the answer must not wait.
-  cudaStream_t stream = nullptr;
-  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  cudaStream_t stream = nonblocking_stream();
   int* device_state = common::address<int>(state);
   int answer = -1;
   close_gate_kernel<<<1, 1, 0, stream>>>(device_state);
